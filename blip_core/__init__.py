@@ -1,0 +1,1 @@
+"""BLIP-Diffusion model and algorithms: plain torch, no ComfyUI imports."""

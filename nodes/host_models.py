@@ -1,0 +1,95 @@
+"""Turn the released folder's SD parts into the host's own model objects.
+
+The UNet, VAE and text encoder of BLIP-Diffusion are plain SD 1.5 components in
+diffusers layout. The host converts and manages them; what it lacks is accepting a
+diffusers-layout UNet whose depth differs from SD 1.5 (its detection matches only the
+exact known configs), so the key map is built here from the folder's own config.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import comfy.sd
+import comfy.utils
+
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                "diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+def component_weights(folder: str) -> str:
+    """The weights file of one component folder; safetensors preferred over pickles."""
+    for name in WEIGHT_NAMES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no weights ({', '.join(WEIGHT_NAMES)}) in {folder}")
+
+
+def read_state_dict(path: str) -> dict:
+    # safe_load: pickles only through torch.load(weights_only=True)
+    return comfy.utils.load_torch_file(path, safe_load=True)
+
+
+def host_unet_config(diffusers_config: dict) -> dict:
+    """The host's description of a diffusers UNet2DConditionModel config (for its key map)."""
+    widths = diffusers_config["block_out_channels"]
+    layers = diffusers_config["layers_per_block"]
+    down_types = diffusers_config["down_block_types"]
+    up_types = diffusers_config["up_block_types"]
+    levels = len(widths)
+    per_level = layers if isinstance(layers, list) else [layers] * levels
+    tdepth = diffusers_config.get("transformer_layers_per_block", 1)
+    tdepth = tdepth if isinstance(tdepth, list) else [tdepth] * levels
+    depth_in, depth_out = [], []
+    for level in range(levels):
+        has_attn = down_types[level].startswith("CrossAttn")
+        depth_in += [tdepth[level] if has_attn else 0] * per_level[level]
+    # Output lists run from the highest resolution level, as the host stores them.
+    for level in range(levels):
+        has_attn = up_types[levels - 1 - level].startswith("CrossAttn")
+        depth_out += [tdepth[level] if has_attn else 0] * (per_level[level] + 1)
+    return {
+        "num_res_blocks": per_level,
+        "channel_mult": [w // widths[0] for w in widths],
+        "transformer_depth": depth_in,
+        "transformer_depth_output": depth_out,
+        "transformer_depth_middle": tdepth[-1],
+    }
+
+
+def diffusers_unet_to_host(sd: dict, diffusers_config: dict) -> dict:
+    """Rename a diffusers-layout UNet state dict to the original SD layout the host detects."""
+    key_map = comfy.utils.unet_to_diffusers(host_unet_config(diffusers_config))
+    # The map names every tensor a UNet of this family may have; completeness is checked
+    # against the instantiated model in load_unet, here only foreign keys are refused.
+    leftover = sorted(set(sd) - set(key_map))
+    if leftover:
+        raise ValueError(f"UNet weights do not match their config.json: unexpected keys {leftover[:5]} "
+                         f"({len(leftover)} in all)")
+    return {key_map[k]: v for k, v in sd.items()}
+
+
+def load_unet(folder: str, model_options: dict | None = None):
+    """A host ModelPatcher for a diffusers-layout UNet folder (config.json + weights)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    sd = diffusers_unet_to_host(read_state_dict(component_weights(folder)), config)
+    model = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=model_options or {})
+    if model is None:
+        raise ValueError(f"the host could not recognise the UNet in {folder} as an SD 1.5 family model")
+    missing = sorted(set(model.model.diffusion_model.state_dict()) - set(sd))
+    if missing:
+        raise ValueError(f"UNet weights in {folder} are incomplete: missing {missing[:5]} ({len(missing)} in all)")
+    return model
+
+
+def load_clip(folder: str, embedding_directory=None, model_options: dict | None = None):
+    return comfy.sd.load_clip([component_weights(folder)], embedding_directory=embedding_directory,
+                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options=model_options or {})
+
+
+def load_vae(folder: str):
+    vae = comfy.sd.VAE(sd=read_state_dict(component_weights(folder)))
+    vae.throw_exception_if_invalid()
+    return vae

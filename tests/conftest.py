@@ -1,0 +1,101 @@
+"""Shared fixtures: the pack imported under a fixed name, generated weights, a live host."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from _pack import import_pack  # noqa: E402
+
+import_pack()
+
+
+def generated_model_dir(size: str = "test") -> Path:
+    """The generated released-layout model of this size, written on first use."""
+    from refenv import reference_python, offline_env
+
+    out = ROOT / ".cache" / "models" / f"blip-diffusion-{size}"
+    proc = subprocess.run([str(reference_python()), str(ROOT / "scripts" / "make_weights.py"), "--size", size],
+                          capture_output=True, text=True, env=offline_env(), timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"weights generator failed:\n{proc.stderr[-4000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_model_dir() -> Path:
+    return generated_model_dir("test")
+
+
+def comfy_on_path():
+    """Make the host's modules importable in this process (CPU only)."""
+    from blip_diffusion.api.server import comfyui_dir
+
+    path = str(comfyui_dir())
+    if path not in sys.path:
+        sys.path.append(path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+@pytest.fixture(scope="session")
+def host_unet_file(test_model_dir, tmp_path_factory) -> Path:
+    """The generated UNet converted to the SD layout the host's UNETLoader accepts."""
+    comfy_on_path()
+    import json
+    from safetensors.torch import save_file
+    from blip_diffusion.nodes import host_models
+
+    unet = test_model_dir / "unet"
+    sd = host_models.read_state_dict(host_models.component_weights(str(unet)))
+    converted = host_models.diffusers_unet_to_host(sd, json.loads((unet / "config.json").read_text()))
+    out = tmp_path_factory.mktemp("unet") / "blipdiff-test-unet.safetensors"
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def comfy_server(test_model_dir, host_unet_file, tmp_path_factory, request):
+    """One warm host for the session, fp32 everywhere so numbers compare to the reference."""
+    from blip_diffusion.api.server import ComfyServer, make_base_dir
+
+    base = make_base_dir(tmp_path_factory.mktemp("comfy-base"), {
+        "blip_diffusion": {"blip-diffusion-test": test_model_dir},
+        "diffusion_models": {"blipdiff-test-unet.safetensors": host_unet_file},
+        "text_encoders": {"blipdiff-test-clip.bin": test_model_dir / "text_encoder" / "pytorch_model.bin"},
+        "vae": {"blipdiff-test-vae.bin": test_model_dir / "vae" / "diffusion_pytorch_model.bin"},
+    })
+    server = ComfyServer(base, ["--fp32-text-enc", "--fp32-unet", "--fp32-vae"])
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api(comfy_server, request):
+    """A client for the session host; the server log is printed if the test fails."""
+    from blip_diffusion.api.client import ComfyClient
+
+    start = len(comfy_server.log())
+    yield ComfyClient(comfy_server.url)
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print("---- ComfyUI server log (this test) ----\n" + comfy_server.log()[start:][-8000:])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)

@@ -1,0 +1,51 @@
+"""Shared plumbing for scripts run inside the reference environment (never the pack's)."""
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BERT_VOCAB_DIR = os.path.join(ROOT, "blip_core", "data")
+
+
+def io():
+    """Parse --args/--inputs/--outputs; return (args dict, input tensors, save function)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--args")
+    p.add_argument("--inputs")
+    p.add_argument("--outputs")
+    a = p.parse_args()
+    args = json.load(open(a.args))
+    tensors = load_file(a.inputs)
+
+    def save(out):
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in out.items()}, a.outputs)
+
+    torch.manual_seed(args.get("torch_seed", 0))
+    torch.set_num_threads(int(args.get("threads", torch.get_num_threads())))
+    return args, tensors, save
+
+
+def bert_tokenizer_dir():
+    """A folder BertTokenizer.from_pretrained can read offline: the pack's shipped vocabulary."""
+    import tempfile
+    import shutil
+    d = tempfile.mkdtemp(prefix="bertvocab-")
+    shutil.copy(os.path.join(BERT_VOCAB_DIR, "bert-base-uncased-vocab.txt"), os.path.join(d, "vocab.txt"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"do_lower_case": True, "model_max_length": 512}, f)
+    return d
+
+
+def load_qformer(model_dir):
+    """diffusers' Blip2QFormerModel from a released-layout folder, tokenizer pointed offline."""
+    from transformers.models.blip_2.configuration_blip_2 import Blip2Config
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    cfg = Blip2Config.from_pretrained(os.path.join(model_dir, "qformer"))
+    cfg.tokenizer = bert_tokenizer_dir()
+    return Blip2QFormerModel.from_pretrained(os.path.join(model_dir, "qformer"), config=cfg).eval()
