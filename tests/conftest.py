@@ -47,6 +47,7 @@ def comfy_on_path():
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.fp32_text_enc = True  # fp16 would move numbers by ~3e-3 from the reference
 
 
 @pytest.fixture(scope="session")

@@ -49,3 +49,28 @@ def load_qformer(model_dir):
     cfg = Blip2Config.from_pretrained(os.path.join(model_dir, "qformer"))
     cfg.tokenizer = bert_tokenizer_dir()
     return Blip2QFormerModel.from_pretrained(os.path.join(model_dir, "qformer"), config=cfg).eval()
+
+
+def build_pipeline(model_dir):
+    """diffusers' BlipDiffusionPipeline, components passed explicitly (from_pretrained on the
+    deprecated pipeline path cannot read back what it saves)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+    from diffusers.pipelines.deprecated.blip_diffusion import BlipDiffusionPipeline
+    from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+
+    d = model_dir
+    index = json.load(open(os.path.join(d, "model_index.json")))
+    pipe = BlipDiffusionPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(d, "tokenizer")),
+        text_encoder=ContextCLIPTextModel.from_pretrained(os.path.join(d, "text_encoder")),
+        vae=AutoencoderKL.from_pretrained(os.path.join(d, "vae")),
+        unet=UNet2DConditionModel.from_pretrained(os.path.join(d, "unet")),
+        scheduler=PNDMScheduler.from_pretrained(os.path.join(d, "scheduler")),
+        qformer=load_qformer(d),
+        image_processor=BlipImageProcessor.from_pretrained(os.path.join(d, "image_processor")),
+        ctx_begin_pos=index.get("ctx_begin_pos", 2), mean=index["mean"], std=index["std"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -6,34 +6,14 @@ inputs: optional "latents" (initial noise); otherwise torch.Generator(seed) as d
 outputs: image (B,3,H,W in 0..1), final_latents (what is passed to the VAE, times the
          scaling factor undone), text_embeddings (the conditioning the UNet saw).
 """
-import os
-
-from common import io, load_qformer
+from common import build_pipeline, io
 
 args, tensors, save = io()
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTokenizer  # noqa: E402
-from diffusers.pipelines.deprecated.blip_diffusion import BlipDiffusionPipeline  # noqa: E402
-from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor  # noqa: E402
-from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel  # noqa: E402
-import json  # noqa: E402
 
-d = args["model_dir"]
-index = json.load(open(os.path.join(d, "model_index.json")))
-# Components passed explicitly: from_pretrained on the deprecated pipeline path is unreliable.
-pipe = BlipDiffusionPipeline(
-    tokenizer=CLIPTokenizer.from_pretrained(os.path.join(d, "tokenizer")),
-    text_encoder=ContextCLIPTextModel.from_pretrained(os.path.join(d, "text_encoder")),
-    vae=AutoencoderKL.from_pretrained(os.path.join(d, "vae")),
-    unet=UNet2DConditionModel.from_pretrained(os.path.join(d, "unet")),
-    scheduler=PNDMScheduler.from_pretrained(os.path.join(d, "scheduler")),
-    qformer=load_qformer(d),
-    image_processor=BlipImageProcessor.from_pretrained(os.path.join(d, "image_processor")),
-    ctx_begin_pos=index.get("ctx_begin_pos", 2), mean=index["mean"], std=index["std"],
-)
+pipe = build_pipeline(args["model_dir"])
 pipe.set_progress_bar_config(disable=True)
 
 captured = {}

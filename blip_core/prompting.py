@@ -1,0 +1,46 @@
+"""How BLIP-Diffusion turns a prompt and a subject into the text encoder's input.
+
+The published recipe: amplify the prompt by repetition, tokenise to 77 - 16 = 61 ids
+(truncating), and insert the 16 subject vectors right after ``[BOS, "a"]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONTEXT_LENGTH = 77
+SUBJECT_TOKENS = 16
+SUBJECT_BEGIN = 2  # after BOS and "a"
+
+
+def amplify_prompt(prompt: str, category: str, strength: float = 1.0, reps: int = 20) -> str:
+    """``"a {category} {prompt}"`` repeated ``int(strength * reps)`` times, comma-joined."""
+    one = f"a {category} {prompt.strip()}"
+    count = int(strength * reps)
+    if count < 1:
+        raise ValueError(f"prompt_strength x prompt_reps must be at least 1 (got {strength} x {reps})")
+    return ", ".join([one] * count)
+
+
+@dataclass
+class TokenLayout:
+    """Ids around the subject: ``ids[:SUBJECT_BEGIN] + [subject] + ids[SUBJECT_BEGIN:]``."""
+    ids: list[int]            # exactly CONTEXT_LENGTH - SUBJECT_TOKENS ids
+    dropped_words: str        # words of the first prompt copy that did not fit ("" if none)
+
+
+def layout_tokens(encode, decode, prompt: str, category: str, strength: float, reps: int,
+                  bos: int, eos: int, pad: int, subject_tokens: int = SUBJECT_TOKENS) -> TokenLayout:
+    """Tokenise the amplified prompt the way the reference does.
+
+    ``encode(text) -> list[int]`` returns the tokenizer's ids without BOS/EOS; ``decode``
+    inverts it. The reference pads and truncates to 61 ids with BOS first and EOS last.
+    Repetitions beyond that window are cut by design; if the first copy itself is cut,
+    the words it loses are reported.
+    """
+    room = CONTEXT_LENGTH - subject_tokens - 2
+    body = encode(amplify_prompt(prompt, category, strength, reps))[:room]
+    seq = [bos] + body + [eos]
+    seq += [pad] * (CONTEXT_LENGTH - subject_tokens - len(seq))
+    single = encode(f"a {category} {prompt.strip()}")
+    dropped = decode(single[room:]).strip() if len(single) > room else ""
+    return TokenLayout(seq, dropped)
