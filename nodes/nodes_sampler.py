@@ -1,0 +1,108 @@
+"""The published sampler (diffusers' PNDM/PLMS) as a host SAMPLER plus its SIGMAS.
+
+Use both with SamplerCustom / SamplerCustomAdvanced: BlipPNDMScheduler gives the exact
+published timesteps, BlipPNDMSampler runs PLMS on them. The math is in blip_core.pndm.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+import comfy.model_sampling
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..blip_core import pndm
+
+
+def sample_blip_pndm(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """k-diffusion style sampler function: ``model(x, sigma * s_in)`` returns x0."""
+    extra_args = {} if extra_args is None else extra_args
+    model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        raise ValueError("the PNDM sampler needs a noise-prediction (SD-style) model, not a flow model")
+    s_in = x.new_ones([x.shape[0]])
+    pbar = tqdm(total=len(sigmas) - 1, disable=disable)
+
+    def on_step(i, x_ve, denoised):
+        pbar.update(1)
+        if callback is not None:
+            callback({"x": x_ve, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+
+    try:
+        # A trailing 0 ends at the model's sigma at t=0: diffusers' set_alpha_to_one=False.
+        return pndm.sample_plms_sigmas(lambda xx, s: model(xx, s * s_in, **extra_args), x, sigmas,
+                                       final_sigma=float(model_sampling.sigma_min), callback=on_step)
+    finally:
+        pbar.close()
+
+
+class PNDMKSampler(comfy.samplers.KSAMPLER):
+    """KSAMPLER that can declare full denoising whatever the first sigma is.
+
+    The host scales the initial noise by sqrt(1 + sigma^2) (pure noise) only when sigmas[0]
+    is the model's sigma_max; the published schedule starts lower (t=960 for 25 steps) yet
+    diffusers starts from unit-variance noise there.
+    """
+
+    def __init__(self, full_denoise: bool = True):
+        super().__init__(sample_blip_pndm)
+        self.full_denoise = full_denoise
+
+    def max_denoise(self, model_wrap, sigmas):
+        return self.full_denoise or super().max_denoise(model_wrap, sigmas)
+
+
+class BlipPNDMSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipPNDMSampler",
+            display_name="BLIP-Diffusion PNDM Sampler",
+            category="BLIP-Diffusion/sampling",
+            description="The sampler BLIP-Diffusion was published with: diffusers' PNDMScheduler in PLMS "
+                        "mode (skip_prk_steps, set_alpha_to_one=False). Pair it with BLIP-Diffusion PNDM "
+                        "Scheduler in SamplerCustom to reproduce diffusers' pipeline.",
+            inputs=[
+                io.Boolean.Input("full_denoise", default=True,
+                                 tooltip="On: start from pure noise at the first sigma, as diffusers does for "
+                                         "text-to-image although its first timestep (960 for 25 steps) is below "
+                                         "the model's maximum. Off: the host's rule (pure noise only at the "
+                                         "model's maximum sigma, else noise added to the input latent), for "
+                                         "image-to-image or split sigmas."),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, full_denoise=True) -> io.NodeOutput:
+        return io.NodeOutput(PNDMKSampler(full_denoise))
+
+
+class BlipPNDMScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipPNDMScheduler",
+            display_name="BLIP-Diffusion PNDM Scheduler",
+            category="BLIP-Diffusion/sampling",
+            description="The published timesteps (diffusers' \"leading\" spacing: 25 steps give 960, 920, ..., 0) "
+                        "as the model's exact sigmas, then 0 for the final step. Feed BLIP-Diffusion PNDM Sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model whose noise schedule gives the sigmas."),
+                io.Int.Input("steps", default=25, min=1, max=1000,
+                             tooltip="Sampling steps. The paper used 100, diffusers' example 25. diffusers makes "
+                                     "N+1 model calls (the second timestep twice, PLMS warm-up); the last, at "
+                                     "t=0, changes nothing and is skipped here."),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, steps) -> io.NodeOutput:
+        table = model.get_model_object("model_sampling").sigmas.float().cpu()
+        ts = pndm.leading_timesteps(steps, num_train_timesteps=len(table))
+        return io.NodeOutput(torch.cat([table[ts], table.new_zeros(1)]))
+
+
+NODES = [BlipPNDMSampler, BlipPNDMScheduler]
