@@ -1,4 +1,4 @@
 """The feature modules whose ``NODES`` the pack registers (kept in one place)."""
-from . import nodes_conditioning, nodes_loader
+from . import nodes_conditioning, nodes_encoder, nodes_loader, nodes_sampler, nodes_subject_files
 
-MODULES = [nodes_loader, nodes_conditioning]
+MODULES = [nodes_loader, nodes_encoder, nodes_conditioning, nodes_sampler, nodes_subject_files]

@@ -5,6 +5,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from . import host_models, paths
+from .nodes_encoder import load_encoder
+from .types import SubjectEncoderType
 
 
 class BlipDiffusionLoader(io.ComfyNode):
@@ -28,6 +30,7 @@ class BlipDiffusionLoader(io.ComfyNode):
                 io.Model.Output(tooltip="The SD 1.5 UNet fine-tuned for subject conditioning."),
                 io.Clip.Output(tooltip="The CLIP ViT-L/14 text encoder; subject vectors are spliced into its input."),
                 io.Vae.Output(tooltip="The SD 1.5 VAE."),
+                SubjectEncoderType.Output(tooltip="The BLIP-2 subject encoder (qformer/), for SubjectEncode."),
             ],
         )
 
@@ -38,7 +41,8 @@ class BlipDiffusionLoader(io.ComfyNode):
         clip = host_models.load_clip(os.path.join(folder, "text_encoder"),
                                      embedding_directory=folder_paths.get_folder_paths("embeddings"))
         vae = host_models.load_vae(os.path.join(folder, "vae"))
-        return io.NodeOutput(model, clip, vae)
+        encoder = load_encoder(os.path.join(folder, "qformer"), model_name)
+        return io.NodeOutput(model, clip, vae, encoder)
 
 
 NODES = [BlipDiffusionLoader]

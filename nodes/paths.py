@@ -4,16 +4,18 @@ import os
 import folder_paths
 
 BLIP_FOLDER = "blip_diffusion"
+SUBJECT_FOLDER = "blip_subjects"
 WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 def register_model_folders() -> None:
-    """Add ``models/blip_diffusion`` (idempotent; keeps paths from extra_model_paths.yaml)."""
-    default = os.path.join(folder_paths.models_dir, BLIP_FOLDER)
-    folder_paths.add_model_folder_path(BLIP_FOLDER, default, is_default=True)
-    paths, exts = folder_paths.folder_names_and_paths[BLIP_FOLDER]
-    folder_paths.folder_names_and_paths[BLIP_FOLDER] = (paths, set(exts) | WEIGHT_EXTENSIONS)
-    os.makedirs(default, exist_ok=True)
+    """Add models/blip_diffusion and models/blip_subjects (idempotent; keeps extra_model_paths.yaml entries)."""
+    for name, exts in ((BLIP_FOLDER, WEIGHT_EXTENSIONS), (SUBJECT_FOLDER, {".safetensors"})):
+        default = os.path.join(folder_paths.models_dir, name)
+        folder_paths.add_model_folder_path(name, default, is_default=True)
+        folders, known = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (folders, set(known) | exts)
+        os.makedirs(default, exist_ok=True)
 
 
 def list_model_folders() -> list[str]:
@@ -30,11 +32,12 @@ def list_model_folders() -> list[str]:
 
 
 def resolve_model_folder(name: str) -> str:
-    """Absolute path of a listed folder; refuses names that escape the registered paths."""
+    """Absolute path of a listed folder; refuses absolute names and names that climb out."""
+    rel = os.path.normpath(name or "")
+    if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+        raise ValueError(f"model folder name {name!r} must be relative to models/{BLIP_FOLDER}/")
     for base in folder_paths.get_folder_paths(BLIP_FOLDER):
-        full = os.path.realpath(os.path.join(base, name))
-        if os.path.commonpath([full, os.path.realpath(base)]) != os.path.realpath(base):
-            continue
+        full = os.path.join(base, rel)  # symlinked model folders are welcome: no realpath check
         if os.path.isfile(os.path.join(full, "model_index.json")):
             return full
     raise FileNotFoundError(

@@ -1,0 +1,70 @@
+"""Subject files: a subject embedding as safetensors with descriptive metadata.
+
+Written atomically (temporary file in the same folder, then rename), so an interrupted
+save never leaves a truncated file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .subject import Subject
+
+FORMAT_KEY = "blip_diffusion_subject"
+FORMAT_VERSION = "1"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,120}$")
+
+
+def sanitise_name(name: str) -> str:
+    """A plain file name ending in .safetensors; refuses paths, traversal and odd characters."""
+    name = (name or "").strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise ValueError(f"subject name {name!r} is not allowed: use letters, digits, spaces, '-', '_' and '.', "
+                         "starting with a letter or digit (no folders, no absolute paths)")
+    return name + ".safetensors"
+
+
+def save_subject(subject: Subject, folder: str, name: str, overwrite: bool = False) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, sanitise_name(name))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{os.path.basename(path)} already exists; choose another name or enable overwrite")
+    metadata = {FORMAT_KEY: FORMAT_VERSION, "category": subject.category,
+                "meta": json.dumps(subject.meta, sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(prefix=".subject-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({"embedding": subject.embedding.detach().float().cpu().contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_subject(path: str) -> Subject:
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+            if metadata.get(FORMAT_KEY) is None or keys != ["embedding"]:
+                raise ValueError(f"{os.path.basename(path)} is not a BLIP-Diffusion subject file "
+                                 "(made by SaveSubject)")
+            embedding = f.get_tensor("embedding")
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own errors for corrupt files
+        raise ValueError(f"{os.path.basename(path)} is not a readable subject file ({e})") from e
+    if metadata[FORMAT_KEY] != FORMAT_VERSION:
+        raise ValueError(f"{os.path.basename(path)} has subject format {metadata[FORMAT_KEY]}, this pack reads "
+                         f"{FORMAT_VERSION}")
+    meta = json.loads(metadata.get("meta") or "{}")
+    return Subject(embedding.to(torch.float32), metadata.get("category", ""), meta)

@@ -1,0 +1,34 @@
+"""Shipped API workflows, loaded and adjusted for tests (the tests run what users run)."""
+import copy
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "workflows"
+
+
+def api_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def put_input_image(server, source: Path, name: str | None = None) -> str:
+    """Copy an image into the host's input folder, as an upload would; return its name."""
+    name = name or source.name
+    shutil.copy(source, server.base_dir / "input" / name)
+    return name
+
+
+def zero_shot(model_name, image, category, prompt, seed, steps, size, save_latent=True) -> dict:
+    g = copy.deepcopy(api_workflow("zero_shot"))
+    g["loader"]["inputs"]["model_name"] = model_name
+    g["reference"]["inputs"]["image"] = image
+    g["encode"]["inputs"]["category"] = category
+    g["positive"]["inputs"]["prompt"] = prompt
+    g["sample"]["inputs"]["noise_seed"] = seed
+    g["sigmas"]["inputs"]["steps"] = steps
+    g["latent"]["inputs"].update(width=size, height=size)
+    if save_latent:
+        g["save_latent"] = {"class_type": "SaveLatent",
+                            "inputs": {"samples": ["sample", 0], "filename_prefix": f"latents/zs_{seed}"}}
+    return g
