@@ -3,7 +3,7 @@
 Runs inside the reference environment (scripts/setup_reference.sh), so every component
 is serialised by the same diffusers/transformers classes that wrote the published folder:
 torch pickles (`pytorch_model.bin`, `diffusion_pytorch_model.bin`) and the same config
-files. Sizes:
+files; `controlnet/` (canny, built from the UNet) is safetensors, as released. Sizes:
   test  CLIP-L text encoder and VAE at full size (the host's loaders need them), a UNet
         with SD1.5 widths and all four levels but one layer per block, and a 2-block
         ViT / 2-layer Q-Former at the real widths.
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-FORMAT_VERSION = 3  # bump when the generated layout changes, so caches are rebuilt
+FORMAT_VERSION = 4  # bump when the generated layout changes, so caches are rebuilt
 
 SIZES = {
     "test": dict(vit_layers=2, qformer_layers=2, unet_layers_per_block=1),
@@ -99,6 +99,21 @@ def unet(out, size, gen):
     model.save_pretrained(os.path.join(out, "unet"), safe_serialization=False)
 
 
+def controlnet(out, gen):
+    """A canny-style ControlNet copied from the generated UNet (as released: safetensors, no model_index entry)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    base = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet"), use_safetensors=False)
+    model = ControlNetModel.from_unet(base)
+    randomise_(model, gen)
+    with torch.no_grad():  # zero-initialised output convs would make the ControlNet a no-op
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                                 "controlnet_cond_embedding.conv_out")):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(os.path.join(out, "controlnet"), safe_serialization=True)
+
+
 def vae(out, gen):
     from diffusers import AutoencoderKL
 
@@ -143,13 +158,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--components", default="all",
-                    help="comma-separated subset of qformer,text_encoder,vae,unet (default: all)")
+                    help="comma-separated subset of qformer,text_encoder,vae,unet,controlnet (default: all)")
     ap.add_argument("--clip-tokenizer", default=None, help="folder with CLIP vocab.json/merges.txt "
                     "(default: the host's comfy/sd1_tokenizer)")
     a = ap.parse_args()
     out = a.out or os.path.join(ROOT, ".cache", "models", f"blip-diffusion-{a.size}")
     stamp = os.path.join(out, ".complete")
-    parts = ["qformer", "text_encoder", "vae", "unet"] if a.components == "all" else a.components.split(",")
+    every = ["qformer", "text_encoder", "vae", "unet", "controlnet"]  # controlnet/ is built from unet/
+    parts = every if a.components == "all" else a.components.split(",")
     want = json.dumps({"size": a.size, "seed": a.seed, "format": FORMAT_VERSION, "parts": parts})
     if os.path.exists(stamp) and open(stamp).read() == want:
         print(out)
@@ -163,8 +179,9 @@ def main():
     torch.manual_seed(a.seed)
     small_parts(tmp, tok)
     builders = {"qformer": lambda: qformer(tmp, a.size, gen), "text_encoder": lambda: text_encoder(tmp, gen),
-                "vae": lambda: vae(tmp, gen), "unet": lambda: unet(tmp, a.size, gen)}
-    for part in ["qformer", "text_encoder", "vae", "unet"]:  # fixed order: the seed stream stays stable
+                "vae": lambda: vae(tmp, gen), "unet": lambda: unet(tmp, a.size, gen),
+                "controlnet": lambda: controlnet(tmp, gen)}
+    for part in every:  # fixed order: the seed stream stays stable
         if part in parts:
             builders[part]()
     open(os.path.join(tmp, ".complete"), "w").write(want)
