@@ -5,6 +5,9 @@ The host imports this file from ``custom_nodes/``; registration uses the V3
 ``blip_core`` stays importable without a host (tests, scripts).
 """
 
+# Served by the host: web/docs/<NodeId>.md are the nodes' help pages in the frontend.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes import BlipDiffusionExtension

@@ -71,7 +71,7 @@ class BlipPNDMSampler(io.ComfyNode):
                                          "model's maximum sigma, else noise added to the input latent), for "
                                          "image-to-image or split sigmas."),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="The published PLMS sampler, for SamplerCustom.")],
         )
 
     @classmethod
@@ -95,7 +95,7 @@ class BlipPNDMScheduler(io.ComfyNode):
                                      "N+1 model calls (the second timestep twice, PLMS warm-up); the last, at "
                                      "t=0, changes nothing and is skipped here."),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[io.Sigmas.Output(tooltip="Noise levels at the published timesteps, ending in 0.")],
         )
 
     @classmethod
