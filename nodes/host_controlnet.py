@@ -10,15 +10,9 @@ own config.json, and the host builds, casts and manages the ControlNet as usual.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import comfy.controlnet
 import comfy.utils
-from comfy_api.latest import io
-
-from . import paths
-from .host_models import component_weights, host_unet_config, read_state_dict
+from .host_models import host_unet_config, read_component, rename_keys, require_complete
 
 # The host's hint encoder is fixed: 3x3 convs 16, 16, 32 (stride 2), 32, 96 (s2), 96, 256 (s2).
 HOST_HINT_CHANNELS = [16, 32, 96, 256]
@@ -60,62 +54,15 @@ def diffusers_controlnet_to_host(sd: dict, config: dict) -> dict:
     if config.get("class_embed_type") or config.get("addition_embed_type") or config.get("global_pool_conditions"):
         raise ValueError("only plain SD 1.x/2.x ControlNets are supported (no class/addition embedding, "
                          "no global pooling)")
-    key_map = controlnet_key_map(config)
-    leftover = sorted(set(sd) - set(key_map))
-    if leftover:
-        raise ValueError(f"ControlNet weights do not match their config.json: unexpected keys {leftover[:5]} "
-                         f"({len(leftover)} in all)")
-    return {key_map[k]: v for k, v in sd.items()}
+    return rename_keys(sd, controlnet_key_map(config), "ControlNet")
 
 
 def load_controlnet(folder: str, model_options: dict | None = None):
     """A host ControlNet (CONTROL_NET) from a diffusers ControlNetModel folder (config.json + weights)."""
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    sd = diffusers_controlnet_to_host(read_state_dict(component_weights(folder)), config)
-    names = set(sd)
-    control = comfy.controlnet.load_controlnet_state_dict(sd, model_options=model_options or {})
+    config, sd = read_component(folder)
+    sd = diffusers_controlnet_to_host(sd, config)
+    control = comfy.controlnet.load_controlnet_state_dict(dict(sd), model_options=model_options or {})
     if control is None or not hasattr(control, "control_model"):
         raise ValueError(f"the host could not build a ControlNet from {folder}")
-    # The host only logs missing keys; a ControlNet with untrained parts must not load silently.
-    missing = sorted(set(control.control_model.state_dict()) - names)
-    if missing:
-        raise ValueError(f"ControlNet weights in {folder} are incomplete: missing {missing[:5]} "
-                         f"({len(missing)} in all)")
+    require_complete(control.control_model, set(sd), "ControlNet", folder)
     return control
-
-
-class BlipControlNetLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="BlipControlNetLoader",
-            display_name="Load BLIP-Diffusion ControlNet",
-            category="blip_diffusion",
-            description=(
-                "Loads the ControlNet shipped in a BLIP-Diffusion model folder (its controlnet/ subfolder, a "
-                "diffusers ControlNetModel; the released one is the canny edge ControlNet) as the host's own "
-                "CONTROL_NET, for Apply ControlNet. For subject-driven stylisation as published, apply it with "
-                "strength 1.0 over the whole schedule to both positive and negative conditioning, with a canny "
-                "edge image at the output size."),
-            inputs=[
-                io.Combo.Input("model_name", options=paths.list_model_folders(),
-                               tooltip="A folder under models/blip_diffusion/ that holds model_index.json and a "
-                                       "controlnet/ subfolder (for example the released 'blipdiffusion-controlnet' "
-                                       "folder)."),
-            ],
-            outputs=[
-                io.ControlNet.Output(tooltip="The ControlNet; its residuals are added to the UNet's skip "
-                                             "connections and middle block."),
-            ],
-        )
-
-    @classmethod
-    def execute(cls, model_name) -> io.NodeOutput:
-        folder = os.path.join(paths.resolve_model_folder(model_name), "controlnet")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"BLIP-Diffusion model folder '{model_name}' has no controlnet/ subfolder")
-        return io.NodeOutput(load_controlnet(folder))
-
-
-NODES = [BlipControlNetLoader]

@@ -58,29 +58,43 @@ def host_unet_config(diffusers_config: dict) -> dict:
     }
 
 
-def diffusers_unet_to_host(sd: dict, diffusers_config: dict) -> dict:
-    """Rename a diffusers-layout UNet state dict to the original SD layout the host detects."""
-    key_map = comfy.utils.unet_to_diffusers(host_unet_config(diffusers_config))
-    # The map names every tensor a UNet of this family may have; completeness is checked
-    # against the instantiated model in load_unet, here only foreign keys are refused.
+def read_component(folder: str) -> tuple[dict, dict]:
+    """(config.json, state dict) of one diffusers component folder."""
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    return config, read_state_dict(component_weights(folder))
+
+
+def rename_keys(sd: dict, key_map: dict, what: str) -> dict:
+    """Apply a diffusers -> host key map. The map names every tensor a model of the family
+    may have; foreign keys are refused here, completeness is checked on the built model."""
     leftover = sorted(set(sd) - set(key_map))
     if leftover:
-        raise ValueError(f"UNet weights do not match their config.json: unexpected keys {leftover[:5]} "
+        raise ValueError(f"{what} weights do not match their config.json: unexpected keys {leftover[:5]} "
                          f"({len(leftover)} in all)")
     return {key_map[k]: v for k, v in sd.items()}
 
 
+def require_complete(module, loaded: set, what: str, folder: str) -> None:
+    """The host only logs missing keys; a model with untrained parts must not load silently."""
+    missing = sorted(set(module.state_dict()) - loaded)
+    if missing:
+        raise ValueError(f"{what} weights in {folder} are incomplete: missing {missing[:5]} ({len(missing)} in all)")
+
+
+def diffusers_unet_to_host(sd: dict, diffusers_config: dict) -> dict:
+    """Rename a diffusers-layout UNet state dict to the original SD layout the host detects."""
+    return rename_keys(sd, comfy.utils.unet_to_diffusers(host_unet_config(diffusers_config)), "UNet")
+
+
 def load_unet(folder: str, model_options: dict | None = None):
     """A host ModelPatcher for a diffusers-layout UNet folder (config.json + weights)."""
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    sd = diffusers_unet_to_host(read_state_dict(component_weights(folder)), config)
+    config, sd = read_component(folder)
+    sd = diffusers_unet_to_host(sd, config)
     model = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=model_options or {})
     if model is None:
         raise ValueError(f"the host could not recognise the UNet in {folder} as an SD 1.5 family model")
-    missing = sorted(set(model.model.diffusion_model.state_dict()) - set(sd))
-    if missing:
-        raise ValueError(f"UNet weights in {folder} are incomplete: missing {missing[:5]} ({len(missing)} in all)")
+    require_complete(model.model.diffusion_model, set(sd), "UNet", folder)
     return model
 
 

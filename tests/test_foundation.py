@@ -5,7 +5,6 @@ import re
 import subprocess
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from refenv import offline_env, reference_python, run_reference, ROOT

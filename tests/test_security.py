@@ -1,7 +1,6 @@
 """Security: safe weight loading, file names confined to their folders, no network traffic."""
 import ast
 import textwrap
-import uuid
 from pathlib import Path
 
 import pytest
