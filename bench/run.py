@@ -1,0 +1,237 @@
+"""Benchmarks: our ComfyUI graph against the reference implementation, side by side.
+
+    .cache/host-venv/bin/python bench/run.py [--only encode,render,shared,finetune] [--size full]
+
+Every figure is a ratio against the reference measured in the same run (these machines are
+noisy); both sides run fp32 on the CPU with the same weights, image, prompt, seed and steps,
+one after the other, never at the same time. Writes bench/results.json, bench/RESULTS.md and
+bench/ratios.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from _pack import import_pack  # noqa: E402
+
+import_pack()
+from blip_diffusion.api.client import ComfyClient  # noqa: E402
+from blip_diffusion.api.server import ComfyServer, make_base_dir  # noqa: E402
+
+HOST_PY = os.environ.get("COMFYUI_PYTHON") or sys.executable
+REF_PY = str(ROOT / ".cache" / "ref-venv" / "bin" / "python")
+SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
+RESULTS = HERE / "results.json"
+
+
+def model_dir(size: str) -> Path:
+    subprocess.run([REF_PY, str(ROOT / "scripts" / "make_weights.py"), "--size", size], check=True,
+                   capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return ROOT / ".cache" / "models" / f"blip-diffusion-{size}"
+
+
+def worker(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.python_version()}, CPU only, fp32"
+
+
+def second_image() -> Path:
+    from PIL import Image
+
+    path = ROOT / ".cache" / "bench-flipped.png"
+    Image.open(SAMPLE).transpose(Image.FLIP_LEFT_RIGHT).save(path)
+    return path
+
+
+# -- subject encode ---------------------------------------------------------------------
+def bench_encode(size: str, reps: int = 8) -> dict:
+    cfg = {"model_dir": str(model_dir(size)), "image": str(SAMPLE), "category": "teapot", "reps": reps}
+    rounds = []
+    for _ in range(2):  # interleaved rounds: drift in machine load hits both sides alike
+        ref = worker([REF_PY, str(HERE / "reference_worker.py"), "encode", json.dumps(cfg)])
+        ours = worker([HOST_PY, str(HERE / "our_encode_worker.py"), json.dumps(cfg)])
+        rounds.append((ours, ref))
+    ours_t = statistics.median(t for o, _ in rounds for t in o["times_s"])
+    ref_t = statistics.median(t for _, r in rounds for t in r["times_s"])
+    return {"name": "subject encode (one image, 224 px)", "goal": 0.8, "ours_s": ours_t, "reference_s": ref_t,
+            "ratio": ours_t / ref_t, "ours_peak_rss_mb": max(o["peak_rss_mb"] for o, _ in rounds),
+            "reference_peak_rss_mb": max(r["peak_rss_mb"] for _, r in rounds),
+            "settings": f"{size} weights, {reps} timed calls x 2 rounds each side, median"}
+
+
+# -- renders through the host ---------------------------------------------------------------
+def zero_shot_graph(model_name: str, image: str, seed: int, steps: int, size: int) -> dict:
+    g = json.loads((ROOT / "workflows" / "api" / "zero_shot.json").read_text())
+    g["loader"]["inputs"]["model_name"] = model_name
+    g["reference"]["inputs"]["image"] = image
+    g["encode"]["inputs"]["category"] = "teapot"
+    g["positive"]["inputs"]["prompt"] = "on a wooden table in a sunny kitchen"
+    g["sample"]["inputs"]["noise_seed"] = seed
+    g["sigmas"]["inputs"]["steps"] = steps
+    g["latent"]["inputs"].update(width=size, height=size)
+    return g
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_renders(size: str, steps: int = 10, px: int = 256, calls: int = 3, shared: int = 8) -> list[dict]:
+    model = model_dir(size)
+    flipped = second_image()
+    images = [str(SAMPLE), str(flipped)]
+    # Reference: one process builds the pipeline, then renders; subject alternates, so it is
+    # encoded every call, as it would be for a new subject.
+    ref = worker([REF_PY, str(HERE / "reference_worker.py"), "render", json.dumps(
+        {"model_dir": str(model), "images": images, "category": "teapot",
+         "prompt": "on a wooden table in a sunny kitchen", "seeds": list(range(calls + 1)),
+         "steps": steps, "size": px})])
+    ref_shared = worker([REF_PY, str(HERE / "reference_worker.py"), "render", json.dumps(
+        {"model_dir": str(model), "images": [str(SAMPLE)], "category": "teapot",
+         "prompt": "on a wooden table in a sunny kitchen", "seeds": list(range(100, 100 + shared)),
+         "steps": steps, "size": px})])
+
+    base = ROOT / ".cache" / "bench-base"
+    shutil.rmtree(base, ignore_errors=True)
+    make_base_dir(base, {"blip_diffusion": {model.name: model}})
+    for img in (SAMPLE, flipped):
+        shutil.copy(img, base / "input" / img.name)
+    started = time.monotonic()
+    with ComfyServer(base, ["--fp32-text-enc", "--fp32-unet", "--fp32-vae"]) as server:
+        client = ComfyClient(server.url)
+        names = [SAMPLE.name, flipped.name]
+        client.run(zero_shot_graph(model.name, names[0], 0, steps, px), timeout=3600)
+        cold = time.monotonic() - started
+        times = []
+        for i in range(1, calls + 1):
+            t = time.perf_counter()
+            client.run(zero_shot_graph(model.name, names[i % 2], i, steps, px), timeout=3600)
+            times.append(time.perf_counter() - t)
+        single_peak = peak_rss_mb(server.proc.pid)
+        # Eight renders of one subject queued at once, as a batch would; the subject's
+        # encoder output is reused from the host's cache.
+        client.run(zero_shot_graph(model.name, names[0], 99, steps, px), timeout=3600)  # same subject warm
+        t = time.perf_counter()
+        ids = [client.queue(zero_shot_graph(model.name, names[0], 100 + k, steps, px)) for k in range(shared)]
+        entries = [client._wait_history(pid, 3600) for pid in ids]
+        shared_total = time.perf_counter() - t
+        encodes = sum(1 for e in entries if "encode" not in {n for kind, d in e["status"]["messages"]
+                                                              if kind == "execution_cached" for n in d["nodes"]})
+    ours_single, ref_single = statistics.median(times), statistics.median(ref["times_s"][1:])
+    ref_shared_total = sum(ref_shared["times_s"])
+    return [
+        {"name": f"single zero-shot render ({px} px, {steps} PNDM steps, through the HTTP API)", "goal": 0.9,
+         "ours_s": ours_single, "reference_s": ref_single, "ratio": ours_single / ref_single,
+         "settings": f"{size} weights, server warm / pipeline built, subject alternating (encoded every call), "
+                     f"median of {calls} calls"},
+        {"name": f"{shared} renders sharing one subject (queued through the API)", "goal": 0.6,
+         "ours_s": shared_total, "reference_s": ref_shared_total, "ratio": shared_total / ref_shared_total,
+         "settings": f"{size} weights, {px} px, {steps} steps; the host ran the encoder {encodes} time(s) "
+                     f"for the {shared} prompts (the reference encodes on every call)"},
+        {"name": "peak memory (RSS) of the render process", "goal": 1.0, "ours_mb": single_peak,
+         "reference_mb": ref["peak_rss_mb"], "ratio": single_peak / ref["peak_rss_mb"],
+         "settings": "host process after the single renders vs the reference process after its renders"},
+        {"name": "cold start: start + first render", "goal": None, "ours_s": cold,
+         "reference_s": ref["cold_first_image_s"], "ratio": cold / ref["cold_first_image_s"],
+         "settings": "host start, model load and first render vs pipeline build and first render"},
+    ]
+
+
+def bench_finetune(size: str) -> list[dict]:
+    script = HERE / "bench_finetune.py"
+    if not script.exists():
+        return []
+    return [worker([HOST_PY, str(script), "--json"])]
+
+
+def write_report(results: list[dict]) -> None:
+    lines = ["# Benchmark results", "",
+             f"Machine: {machine()}. Generated by `bench/run.py` on {time.strftime('%Y-%m-%d')}; "
+             "every ratio is ours / reference, measured in the same run (lower is better).", "",
+             "| benchmark | goal | ours | reference | ratio | settings |", "|---|---|---|---|---|---|"]
+    for r in results:
+        unit = "MB" if "ours_mb" in r else "s"
+        ours = r.get("ours_mb", r.get("ours_s"))
+        ref = r.get("reference_mb", r.get("reference_s"))
+        goal = "reported" if r.get("goal") is None else f"<= {r['goal']}x"
+        met = "" if r.get("goal") is None else (" (met)" if r["ratio"] <= r["goal"] else " (**missed**)")
+        lines.append(f"| {r['name']} | {goal} | {ours:.2f} {unit} | {ref:.2f} {unit} | {r['ratio']:.2f}x{met} "
+                     f"| {r['settings']} |")
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    plot(results, HERE / "ratios.png")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """A bar per benchmark ratio, with its goal marked (PIL: no plotting library needed)."""
+    from PIL import Image, ImageDraw
+
+    rows = [r for r in results if r.get("ratio")]
+    w, row_h, left = 900, 34, 430
+    img = Image.new("RGB", (w, 50 + row_h * len(rows)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), "ours / reference (lower is better); | = goal", fill="black")
+    top = max([r["ratio"] for r in rows] + [r["goal"] or 0 for r in rows] + [1.0]) * 1.1
+    scale = (w - left - 20) / top
+    for i, r in enumerate(rows):
+        y = 40 + i * row_h
+        d.text((10, y + 8), r["name"][:60], fill="black")
+        ok = r.get("goal") is None or r["ratio"] <= r["goal"]
+        d.rectangle([left, y + 4, left + r["ratio"] * scale, y + row_h - 8], fill=(70, 140, 90) if ok else (200, 80, 60))
+        d.text((left + r["ratio"] * scale + 4, y + 8), f"{r['ratio']:.2f}x", fill="black")
+        if r.get("goal"):
+            gx = left + r["goal"] * scale
+            d.line([gx, y, gx, y + row_h - 4], fill="black", width=2)
+    d.line([left + scale, 36, left + scale, img.height], fill=(150, 150, 150))
+    img.save(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="encode,render,finetune", help="comma-separated: encode, render, finetune")
+    ap.add_argument("--size", default="full", choices=["full", "test"], help="generated weights to use")
+    a = ap.parse_args()
+    previous = {r["name"]: r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
+    new = []
+    only = a.only.split(",")
+    if "encode" in only:
+        new.append(bench_encode(a.size))
+    if "render" in only:
+        new += bench_renders(a.size)
+    if "finetune" in only:
+        new += bench_finetune(a.size)
+    for r in new:
+        r["machine"] = machine()
+        r["date"] = time.strftime("%Y-%m-%d %H:%M")
+        previous[r["name"]] = r
+        print(json.dumps(r))
+    results = list(previous.values())
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    write_report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
