@@ -1,0 +1,297 @@
+"""The batch tool (batch/) run as users run it: a subprocess talking to a live host over HTTP and /ws.
+
+Every render is small (64 px, 2 steps). Subject photos are fresh random noise per test, so the
+host's cache never holds them from an earlier test and encoder counts are exact.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "batch"
+MODEL = "blip-diffusion-test"
+SMALL = {"steps": 2, "size": 64}
+
+
+# -- helpers ---------------------------------------------------------------------------
+def noise_image(path: Path, size: int = 64) -> Path:
+    from PIL import Image
+
+    Image.frombytes("RGB", (size, size), os.urandom(size * size * 3)).save(path)
+    return path
+
+
+def tool_args(batch: Path, out: Path, server, *extra) -> list[str]:
+    return [sys.executable, str(TOOL), str(batch), "--url", server.url, "--out", str(out), "--model", MODEL,
+            *extra]
+
+
+def run_tool(batch, out, server, *extra, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run(tool_args(batch, out, server, *extra), capture_output=True, text=True, timeout=timeout)
+
+
+def start_tool(batch, out, server, log: Path, *extra) -> subprocess.Popen:
+    f = open(log, "w")
+    return subprocess.Popen(tool_args(batch, out, server, "--no-progress", *extra), stdout=f,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def wait_done(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 600) -> dict:
+    """Poll the manifest until ``at_least`` items are done (the tool keeps running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            m = manifest(out)
+            if m["summary"]["done"] >= at_least:
+                return m
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, f"the tool exited early with {proc.returncode}"
+        time.sleep(0.1)
+    raise TimeoutError(f"fewer than {at_least} items done after {timeout}s")
+
+
+def batch_history(api, batch_id: str) -> dict:
+    """The host's own record: every prompt it ran for this batch (tagged in extra_data)."""
+    return {pid: e for pid, e in api.history().items()
+            if (e["prompt"][3].get("blip_batch") or {}).get("batch") == batch_id}
+
+
+def encoder_ran(entry: dict) -> bool:
+    cached = {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
+    return entry["status"]["status_str"] == "success" and "encode" not in cached
+
+
+def check_done(out: Path, rec: dict, size: int = 64) -> None:
+    from PIL import Image
+
+    assert rec["status"] == "done", rec
+    assert rec["outputs"] == [f"{rec['id']}.png"]
+    with Image.open(out / rec["outputs"][0]) as im:
+        assert im.size == (size, size)
+    assert rec["prompt_id"] and rec["render_seconds"] > 0 and rec["finished_at"]
+
+
+# -- without a host --------------------------------------------------------------------
+def test_batch_file_formats_agree_and_ids_are_stable(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from _pack import import_pack
+
+    import_pack()
+    from blip_diffusion.batch.spec import BatchFileError, load_batch
+
+    a, b = noise_image(tmp_path / "a.png"), noise_image(tmp_path / "b.png")
+    defaults = {"seed": 0, "steps": 25, "width": 512, "height": 512, "negative": "", "cfg": 7.5,
+                "target_category": ""}
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"subjects": [{"image": "a.png", "category": "dog"},
+                                             {"image": "b.png", "category": "cat"}],
+                                "prompts": ["on a beach", "in snow"], "seeds": [1, 2], **SMALL}))
+    items, _ = load_batch(grid, defaults)
+    jsonl = tmp_path / "items.jsonl"
+    # the same renders as single items, interleaved: the tool groups them by subject again
+    rows = [dict(image=i.image, category=i.category, prompt=i.prompt, seed=i.seed, **SMALL) for i in items]
+    rows = [r for pair in zip(rows[:4], rows[4:]) for r in pair]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = tmp_path / "items.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "category", "prompt", "seed", "steps", "size"])
+        w.writeheader()
+        w.writerows(rows)
+    from_jsonl, _ = load_batch(jsonl, defaults)
+    from_csv, _ = load_batch(table, defaults)
+    ids = [i.id for i in items]
+    assert len(set(ids)) == 8
+    assert [i.id for i in from_jsonl] == [i.id for i in from_csv] == ids == [i.id for i in load_batch(grid, defaults)[0]]
+    assert [i.category for i in items] == ["dog"] * 4 + ["cat"] * 4  # subjects back to back
+    assert items[0].image_path == a and items[-1].image_path == b and (items[0].width, items[0].steps) == (64, 2)
+
+    for bad, msg in [({"image": "a.png", "category": "dog", "promt": "x"}, "unknown field"),
+                     ({"image": "a.png", "prompt": "x"}, "'category' is required"),
+                     ({"image": "a.png", "category": "dog", "prompt": "x", "size": 60}, "multiple of 8"),
+                     ({"image": "a.png", "category": "dog", "prompt": "x", "id": "../x"}, "'id'")]:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(BatchFileError, match=msg):
+            load_batch(path, defaults)
+
+
+def test_tool_runs_from_any_folder_without_torch(tmp_path):
+    """The client side needs no torch: the whole tool imports with the stdlib, requests (and websocket)."""
+    noise_image(tmp_path / "a.png")
+    batch = tmp_path / "b.jsonl"
+    batch.write_text(json.dumps({"image": "a.png", "category": "dog", "prompt": "x", "seed": 3}) + "\n")
+    code = (f"import runpy, sys\nsys.argv = ['batch', {str(batch)!r}, '--out', {str(tmp_path / 'o')!r}, '--dry-run']\n"
+            f"try:\n    runpy.run_path({str(TOOL)!r}, run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
+            "import blip_diffusion.batch.runner\n"
+            "print('RC', rc, 'TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "RC 0 NO-TORCH" in proc.stdout
+    assert "dog" in proc.stdout and "seed 3" in proc.stdout
+
+
+# -- against a live host ---------------------------------------------------------------
+@pytest.mark.slow
+def test_twenty_queued_renders_complete_and_each_subject_is_encoded_once(comfy_server, api, tmp_path):
+    noise_image(tmp_path / "dog.png")
+    noise_image(tmp_path / "pot.png")
+    batch = tmp_path / "grid.json"
+    batch.write_text(json.dumps({
+        "subjects": [{"image": "dog.png", "category": "dog"}, {"image": "pot.png", "category": "teapot"}],
+        "prompts": ["on a beach", "in the snow", "on a wooden table", "in a forest", "under water"],
+        "seeds": [7, 8], **SMALL}))
+    out = tmp_path / "out"
+    proc = run_tool(batch, out, comfy_server)
+    print(proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    m = manifest(out)
+    assert m["summary"] == {"total": 20, "done": 20, "failed": 0, "queued": 0, "pending": 0}
+    assert len({r["id"] for r in m["items"]}) == 20
+    for rec in m["items"]:
+        check_done(out, rec)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(r["outputs"][0] for r in m["items"])
+    # fed by /ws: the bar (tqdm in the host venv) counted to the end
+    assert "20/20" in proc.stderr
+
+    history = batch_history(api, m["batch_id"])
+    assert set(history) == {r["prompt_id"] for r in m["items"]}  # one prompt per item, no more
+    encoder_runs = sum(encoder_ran(e) for e in history.values())
+    print(f"encoder executions (host history): {encoder_runs} for 2 subjects, 20 renders")
+    assert encoder_runs == 2
+    assert sum(r["encoder_ran"] for r in m["items"]) == 2
+    # one upload per photo, named by content
+    uploads = [r["prompt"][2]["reference"]["inputs"]["image"] for r in history.values()]
+    assert len(set(uploads)) == 2 and all(u.startswith("blip_batch/") for u in uploads)
+
+
+@pytest.mark.slow
+def test_killed_and_restarted_batch_loses_nothing_and_renders_nothing_twice(comfy_server, api, tmp_path):
+    noise_image(tmp_path / "cat.png")
+    batch = tmp_path / "items.jsonl"
+    batch.write_text("".join(json.dumps({"image": "cat.png", "category": "cat", "prompt": p, "seed": s, **SMALL})
+                             + "\n" for p in ("on a sofa", "in a garden", "on the moon") for s in (1, 2)))
+    out = tmp_path / "out"
+
+    # 1. Ctrl-C after the first image: not-started prompts are taken off the host queue
+    proc = start_tool(batch, out, comfy_server, tmp_path / "run1.log")
+    wait_done(out, proc, 1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "run1.log").read_text()
+    after_int = manifest(out)
+    assert after_int["summary"]["done"] < 6 and after_int["summary"]["queued"] <= 2
+    pending_on_host = {e[1] for e in api.get("/queue").json()["queue_pending"]}
+    assert not pending_on_host & {r.get("prompt_id") for r in after_int["items"]}
+
+    # 2. SIGKILL (a crash) with prompts still queued on the host
+    proc = start_tool(batch, out, comfy_server, tmp_path / "run2.log")
+    m = wait_done(out, proc, after_int["summary"]["done"] + 1)
+    proc.kill()
+    proc.wait(timeout=60)
+    killed = manifest(out)
+    print("after SIGINT:", after_int["summary"], "after SIGKILL:", killed["summary"])
+    assert killed["summary"]["done"] < 6 and killed["summary"]["queued"] >= 1  # really mid-batch
+
+    # 3. restart: collects what the host rendered meanwhile, queues only the rest
+    proc3 = run_tool(batch, out, comfy_server, "--no-progress")
+    assert proc3.returncode == 0, proc3.stderr[-4000:]
+    print(proc3.stderr[-2000:])
+    assert "resuming:" in proc3.stderr
+    final = manifest(out)
+    assert final["summary"] == {"total": 6, "done": 6, "failed": 0, "queued": 0, "pending": 0}
+    for rec in final["items"]:
+        check_done(out, rec)
+    # the prompt ids recorded as queued before the kill were collected, not queued again
+    for rec in killed["items"]:
+        if rec.get("status") == "queued":
+            assert next(r for r in final["items"] if r["id"] == rec["id"])["prompt_id"] == rec["prompt_id"]
+
+    history = batch_history(api, final["batch_id"])
+    items_run = sorted(e["prompt"][3]["blip_batch"]["item"] for e in history.values())
+    print(f"host ran {len(history)} prompts for 6 items over 3 runs of the tool")
+    assert items_run == sorted(r["id"] for r in final["items"])  # each item exactly once
+    assert all(e["status"]["status_str"] == "success" for e in history.values())
+
+    # 4. a lost output file comes back from the host without a new render
+    lost = out / final["items"][0]["outputs"][0]
+    lost.unlink()
+    proc4 = run_tool(batch, out, comfy_server, "--no-progress")
+    assert proc4.returncode == 0, proc4.stderr[-4000:]
+    assert lost.is_file() and len(batch_history(api, final["batch_id"])) == 6
+
+
+def test_one_bad_item_is_reported_and_the_others_finish(comfy_server, api, tmp_path):
+    noise_image(tmp_path / "shoe.png")
+    batch = tmp_path / "items.csv"
+    batch.write_text("image,category,prompt,seed,steps,size\n"
+                     "shoe.png,sneaker,on a rock,1,2,64\n"
+                     "photos/missing.png,sneaker,on a rock,2,2,64\n"
+                     "shoe.png,sneaker,in the rain,3,2,64\n")
+    out = tmp_path / "out"
+    proc = run_tool(batch, out, comfy_server, "--no-progress")
+    print(proc.stderr[-2000:])
+    assert proc.returncode == 1
+    m = manifest(out)
+    assert m["summary"] == {"total": 3, "done": 2, "failed": 1, "queued": 0, "pending": 0}
+    bad = [r for r in m["items"] if r["status"] == "failed"]
+    assert len(bad) == 1 and bad[0]["params"]["image"] == "photos/missing.png"
+    assert "image not found" in bad[0]["error"] and "missing.png" in bad[0]["error"] and "items.csv:3" in bad[0]["error"]
+    assert f"failed {bad[0]['id']}: image not found" in proc.stderr
+    for rec in m["items"]:
+        if rec["status"] == "done":
+            check_done(out, rec)
+    assert len(batch_history(api, m["batch_id"])) == 2  # the bad item never reached the host
+
+
+def test_host_side_failures_are_recorded_with_the_hosts_message(comfy_server, api, tmp_path):
+    """A prompt the host rejects (node_errors) and one that fails while running (execution_error)."""
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    noise_image(tmp_path / "ok.png")
+    batch = tmp_path / "items.jsonl"
+    batch.write_text(json.dumps({"id": "too-much-cfg", "image": "ok.png", "category": "dog", "prompt": "x",
+                                 "seed": 1, "cfg": 1000, **SMALL}) + "\n"
+                     + json.dumps({"id": "broken-photo", "image": "broken.png", "category": "dog", "prompt": "x",
+                                   "seed": 1, **SMALL}) + "\n")
+    out = tmp_path / "out"
+    proc = run_tool(batch, out, comfy_server, "--no-progress")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = {r["id"]: r.get("error", "") for r in manifest(out)["items"]}
+    assert manifest(out)["summary"]["failed"] == 2
+    assert "rejected by the host" in errors["too-much-cfg"] and "cfg" in errors["too-much-cfg"]
+    assert "LoadImage" in errors["broken-photo"], errors["broken-photo"]
+
+
+def test_crash_between_recording_and_posting_a_prompt(comfy_server, api, tmp_path):
+    """A prompt id on disk that the host never received is posted under that id: one render, no gap."""
+    noise_image(tmp_path / "vase.png")
+    batch = tmp_path / "one.jsonl"
+    batch.write_text(json.dumps({"image": "vase.png", "category": "vase", "prompt": "on a shelf", "seed": 5,
+                                 **SMALL}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    listing = run_tool(batch, out, comfy_server, "--dry-run").stdout
+    item_id = listing.splitlines()[1].split("\t")[0]
+    batch_id, prompt_id = uuid.uuid4().hex, str(uuid.uuid4())
+    (out / "manifest.json").write_text(json.dumps({"version": 1, "batch_id": batch_id, "items": [
+        {"id": item_id, "status": "queued", "prompt_id": prompt_id, "attempts": 1}]}))
+    proc = run_tool(batch, out, comfy_server, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = manifest(out)["items"][0]
+    check_done(out, rec)
+    assert rec["prompt_id"] == prompt_id
+    assert list(batch_history(api, batch_id)) == [prompt_id]
