@@ -7,6 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_host.sh
 bash scripts/setup_reference.sh
+bash scripts/setup_browser.sh   # Debian's Chromium + playwright-core, for the frontend test
 HF_HUB_OFFLINE=1 .cache/ref-venv/bin/python scripts/make_weights.py --size test >/dev/null
 py="${COMFYUI_PYTHON:-$root/.cache/host-venv/bin/python}"
 exec "$py" -m pytest "$@"
