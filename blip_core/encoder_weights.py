@@ -226,7 +226,8 @@ def _from_state_dict(sd: dict, source: str, overrides: dict | None = None, **kw)
         sd = from_lavis_state_dict(sd)
     if not _looks_like_encoder(sd):
         raise ValueError(f"{source} is not a BLIP-Diffusion subject encoder (no query_tokens, visual_encoder.* "
-                         f"or Q-Former keys; it has {len(sd)} tensors such as {_few(list(sd)[:SHOWN])})")
+                         f"or Q-Former keys; it has {len(sd)} tensors such as {_few(list(sd)[:SHOWN])}): choose "
+                         "a BLIP-Diffusion model folder (its qformer/) or a subject encoder file")
     return build_encoder(sd, infer_config(sd, overrides), source, **kw)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 
 import comfy.sd
 import comfy.utils
@@ -26,9 +27,47 @@ def component_weights(folder: str) -> str:
     raise FileNotFoundError(f"no weights ({', '.join(WEIGHT_NAMES)}) in {folder}")
 
 
-def read_state_dict(path: str) -> dict:
-    # safe_load: pickles only through torch.load(weights_only=True)
-    return comfy.utils.load_torch_file(path, safe_load=True)
+def check_weights_file(path: str, what: str) -> None:
+    """Cheap integrity check (milliseconds, before gigabytes are read): refuses empty, truncated and
+    foreign files with a message saying so, instead of torch's or safetensors' internal errors."""
+    size = os.path.getsize(path)
+    problem = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.endswith((".safetensors", ".sft")):
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if n <= 0 or 8 + n > size:
+                problem = "its safetensors header is missing or larger than the file"
+            else:
+                try:
+                    header = json.loads(f.read(n))
+                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, TypeError, KeyError, IndexError):
+                    problem = "its safetensors header is not valid"
+                else:
+                    if 8 + n + end > size:
+                        problem = f"the file has {size} bytes but its header describes {8 + n + end}"
+        elif head.startswith(b"PK\x03\x04"):  # torch.save's zip format: the directory sits at the end
+            try:
+                zipfile.ZipFile(path).close()
+            except (zipfile.BadZipFile, OSError) as e:
+                problem = f"the torch checkpoint's zip archive is incomplete ({e})"
+        elif not head.startswith(b"\x80"):  # a legacy torch pickle starts with the PROTO opcode
+            problem = "it is neither a safetensors file nor a torch checkpoint" if head else "it is empty"
+    if problem:
+        raise ValueError(f"{what} weights {path} are corrupt or truncated: {problem}. "
+                         "Download or copy the file again.")
+
+
+def read_state_dict(path: str, what: str = "model") -> dict:
+    """The tensors of one weights file; pickles only through torch.load(weights_only=True)."""
+    check_weights_file(path, what)
+    try:
+        return comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:  # torch/safetensors internals (and torch's advice to unpickle unsafely): say what it means
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{what} weights {path} could not be read ({type(e).__name__}: {first}); the file is "
+                         "corrupt or not a plain tensor checkpoint. Download or copy the file again.") from e
 
 
 def host_unet_config(diffusers_config: dict) -> dict:
@@ -62,7 +101,7 @@ def read_component(folder: str) -> tuple[dict, dict]:
     """(config.json, state dict) of one diffusers component folder."""
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
-    return config, read_state_dict(component_weights(folder))
+    return config, read_state_dict(component_weights(folder), os.path.basename(os.path.normpath(folder)))
 
 
 def rename_keys(sd: dict, key_map: dict, what: str) -> dict:
@@ -99,11 +138,13 @@ def load_unet(folder: str, model_options: dict | None = None):
 
 
 def load_clip(folder: str, embedding_directory=None, model_options: dict | None = None):
-    return comfy.sd.load_clip([component_weights(folder)], embedding_directory=embedding_directory,
+    path = component_weights(folder)
+    check_weights_file(path, "text encoder")
+    return comfy.sd.load_clip([path], embedding_directory=embedding_directory,
                               clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options=model_options or {})
 
 
 def load_vae(folder: str):
-    vae = comfy.sd.VAE(sd=read_state_dict(component_weights(folder)))
+    vae = comfy.sd.VAE(sd=read_state_dict(component_weights(folder), "VAE"))
     vae.throw_exception_if_invalid()
     return vae

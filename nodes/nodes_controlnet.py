@@ -36,7 +36,8 @@ class BlipControlNetLoader(io.ComfyNode):
     def execute(cls, model_name) -> io.NodeOutput:
         folder = os.path.join(paths.resolve_model_folder(model_name), "controlnet")
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"BLIP-Diffusion model folder '{model_name}' has no controlnet/ subfolder")
+            raise FileNotFoundError(f"BLIP-Diffusion model folder '{model_name}' has no controlnet/ subfolder: choose "
+                                    "a folder that ships the ControlNet (the released 'blipdiffusion-controlnet')")
         return io.NodeOutput(load_controlnet(folder))
 
 

@@ -1,4 +1,5 @@
 """The subject encoder in the graph: its loader and SubjectEncode."""
+import logging
 import os
 
 import torch
@@ -10,9 +11,11 @@ from comfy_api.latest import io
 
 from ..blip_core import encoder_weights
 from ..blip_core.subject import Subject, weights_fingerprint
-from . import paths
+from . import host_models, paths
 from .types import SubjectEncoderType, SubjectType
 
+log = logging.getLogger("blip_diffusion")
+MIN_SIDE = 32  # smaller subject photos are accepted with a warning
 
 class EncoderHandle:
     """A loaded subject encoder under the host's model management (moved to the GPU when used)."""
@@ -41,7 +44,22 @@ def encoder_dtype(device) -> torch.dtype:
     return torch.float32
 
 
+def encoder_files(path: str) -> list[str]:
+    """The weights files load_subject_encoder will read at ``path`` (for a cheap check first)."""
+    if not os.path.isdir(path):
+        return [path] if os.path.isfile(path) else []
+    lavis = [os.path.join(path, rel) for rel in encoder_weights.LAVIS_FILES.values()]
+    if all(os.path.isfile(f) for f in lavis):
+        return lavis
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    return []
+
+
 def load_encoder(path: str, name: str) -> EncoderHandle:
+    for file in encoder_files(path):
+        host_models.check_weights_file(file, f"subject encoder '{name}'")
     encoder = encoder_weights.load_subject_encoder(path, dtype=encoder_dtype(mm.text_encoder_device()),
                                                    device=mm.text_encoder_offload_device())
     return EncoderHandle(encoder, name)
@@ -58,12 +76,17 @@ def encoder_choices() -> list[str]:
 
 def resolve_encoder(name: str) -> str:
     try:
-        return os.path.join(paths.resolve_model_folder(name), "qformer")
+        folder = paths.resolve_model_folder(name)
     except FileNotFoundError:
         path = folder_paths.get_full_path(paths.BLIP_FOLDER, name)
         if path is None:
-            raise FileNotFoundError(f"subject encoder '{name}' not found in models/{paths.BLIP_FOLDER}/")
+            raise FileNotFoundError(f"subject encoder '{name}' not found in models/{paths.BLIP_FOLDER}/: put a "
+                                    "released model folder or an encoder file there and choose it in encoder_name")
         return path
+    if not os.path.isdir(os.path.join(folder, "qformer")):
+        raise FileNotFoundError(f"model folder '{name}' has no qformer/ subfolder (the subject encoder): copy it "
+                                "from the released folder, or choose an encoder file")
+    return os.path.join(folder, "qformer")
 
 
 class BlipSubjectEncoderLoader(io.ComfyNode):
@@ -109,8 +132,9 @@ class SubjectEncode(io.ComfyNode):
             category="blip_diffusion",
             description=("Turns photos of one subject and its category word into a BLIP-Diffusion subject "
                          "embedding (16 vectors in the text encoder's space). Several photos (an image batch) are "
-                         "encoded one by one and averaged, optionally weighted. Transparent pixels are composited "
-                         "over white; grayscale photos are used as RGB."),
+                         "encoded one by one and averaged, optionally weighted. Transparent pixels of 4-channel "
+                         "images are composited over white (Load Image alone drops alpha: join its MASK back with "
+                         "Join Image with Alpha); grayscale photos are used as RGB."),
             inputs=[
                 SubjectEncoderType.Input("subject_encoder", tooltip="From Load BLIP-Diffusion or Load Subject Encoder."),
                 io.Image.Input("images", tooltip="One or more photos of the same subject (a batch). Any size: they "
@@ -129,7 +153,11 @@ class SubjectEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, category, **kwargs):
+    def validate_inputs(cls, category=None):
+        # Only `category` is named (no **kwargs, which would make the host skip its own checks of every other
+        # input). A category linked from another node arrives as None here and is checked when the node runs.
+        if category is None:
+            return True
         if not isinstance(category, str) or not category.strip():
             return "category is empty: name what the subject is, e.g. 'dog'"
         return True
@@ -139,6 +167,10 @@ class SubjectEncode(io.ComfyNode):
         if images is None or images.ndim != 4 or images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
             shape = None if images is None else tuple(images.shape)
             raise ValueError(f"SubjectEncode got an empty image batch {shape}: connect at least one photo")
+        if min(images.shape[1], images.shape[2]) < MIN_SIDE:
+            log.warning("SubjectEncode: the subject image is only %dx%d pixels; it is stretched to 224x224 and "
+                        "carries almost no detail of the subject: use a photo at least 224 pixels wide",
+                        images.shape[2], images.shape[1])
         weights = parse_weights(image_weights, images.shape[0])
         embedding = subject_encoder.encode(images, category.strip(), weights=weights, mode=preprocess)
         meta = {"encoder": subject_encoder.name, "encoder_fingerprint": subject_encoder.fingerprint,

@@ -9,6 +9,20 @@ from .nodes_encoder import load_encoder
 from .types import SubjectEncoderType
 
 
+COMPONENTS = ("unet", "text_encoder", "vae", "qformer")
+
+
+def check_components(folder: str, model_name: str) -> None:
+    """Every component present and its weights file intact, before gigabytes are loaded."""
+    for part in COMPONENTS:
+        sub = os.path.join(folder, part)
+        if not os.path.isdir(sub):
+            raise FileNotFoundError(
+                f"model folder '{model_name}' has no {part}/ subfolder: copy the complete released folder "
+                f"({', '.join(p + '/' for p in COMPONENTS)} each with config.json and weights)")
+        host_models.check_weights_file(host_models.component_weights(sub), f"{model_name}/{part}")
+
+
 class BlipDiffusionLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -37,6 +51,7 @@ class BlipDiffusionLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name) -> io.NodeOutput:
         folder = paths.resolve_model_folder(model_name)
+        check_components(folder, model_name)
         model = host_models.load_unet(os.path.join(folder, "unet"))
         clip = host_models.load_clip(os.path.join(folder, "text_encoder"),
                                      embedding_directory=folder_paths.get_folder_paths("embeddings"))

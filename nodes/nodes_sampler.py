@@ -20,7 +20,10 @@ def sample_blip_pndm(model, x, sigmas, extra_args=None, callback=None, disable=N
     extra_args = {} if extra_args is None else extra_args
     model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
     if isinstance(model_sampling, comfy.model_sampling.CONST):
-        raise ValueError("the PNDM sampler needs a noise-prediction (SD-style) model, not a flow model")
+        raise ValueError("BLIP-Diffusion PNDM Sampler needs a noise-prediction (SD 1.x style) model, but the "
+                         f"connected model samples as a flow model ({type(model_sampling).__name__}): connect the "
+                         "BLIP-Diffusion UNet without flow patches such as ModelSamplingSD3/ModelSamplingFlux, or "
+                         "use another sampler")
     s_in = x.new_ones([x.shape[0]])
     pbar = tqdm(total=len(sigmas) - 1, disable=disable)
 

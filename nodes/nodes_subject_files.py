@@ -61,8 +61,12 @@ class LoadSubject(io.ComfyNode):
     def execute(cls, subject_name, subject_encoder=None) -> io.NodeOutput:
         path = folder_paths.get_full_path(paths.SUBJECT_FOLDER, subject_name)
         if path is None:
-            raise FileNotFoundError(f"subject file '{subject_name}' not found in models/{paths.SUBJECT_FOLDER}/")
-        subject = subject_io.load_subject(path)
+            raise FileNotFoundError(f"subject file '{subject_name}' not found in models/{paths.SUBJECT_FOLDER}/: "
+                                    "save one with Save Subject first, or choose an existing file")
+        try:
+            subject = subject_io.load_subject(path)
+        except ValueError as e:
+            raise ValueError(f"{e}: choose another file, or encode the subject again and save it") from e
         made_by = subject.meta.get("encoder_fingerprint")
         if subject_encoder is not None and made_by and made_by != subject_encoder.fingerprint:
             log.warning("LoadSubject: %s was made by a different subject encoder (%s, fingerprint %s) than the one "
