@@ -5,12 +5,14 @@ import folder_paths
 
 BLIP_FOLDER = "blip_diffusion"
 SUBJECT_FOLDER = "blip_subjects"
+FINETUNE_FOLDER = "blip_finetunes"
 WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 def register_model_folders() -> None:
     """Add models/blip_diffusion and models/blip_subjects (idempotent; keeps extra_model_paths.yaml entries)."""
-    for name, exts in ((BLIP_FOLDER, WEIGHT_EXTENSIONS), (SUBJECT_FOLDER, {".safetensors"})):
+    for name, exts in ((BLIP_FOLDER, WEIGHT_EXTENSIONS), (SUBJECT_FOLDER, {".safetensors"}),
+                       (FINETUNE_FOLDER, {".safetensors"})):
         default = os.path.join(folder_paths.models_dir, name)
         folder_paths.add_model_folder_path(name, default, is_default=True)
         folders, known = folder_paths.folder_names_and_paths[name]

@@ -1,0 +1,165 @@
+"""BlipFinetune, SaveBlipFinetune, LoadBlipFinetune: the published subject fine-tune as nodes.
+
+The recipe lives in ``blip_core/finetune.py``; training inside the host (inference mode,
+weight wrappers on a clone, model management, progress, cancel) in ``host_finetune.py``.
+"""
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..blip_core import finetune as ft
+from ..blip_core import finetune_io
+from . import paths
+from .host_finetune import MODES, apply_finetune, finetune, single_value
+from .types import SubjectEncoderType, SubjectType
+
+FinetuneType = io.Custom("BLIP_FINETUNE")
+STEPS_TOOLTIP = ("Optimisation steps. The paper fine-tuned each DreamBench subject for 20 to 120 steps (the "
+                 "per-subject table, table 1 of its appendix; mean 76, about 40 s on one A100). Few photos or a "
+                 "simple subject need fewer.")
+
+
+class BlipFinetune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipFinetune",
+            display_name="BLIP-Diffusion Fine-tune",
+            category="blip_diffusion",
+            description=(
+                "Fine-tunes BLIP-Diffusion on photos of one subject, as published: the UNet and the subject "
+                "embedding (started from the photos' mean embedding) are trained with the caption 'a {category}' "
+                "(subject inserted after 'a'), epsilon MSE at uniform random DDPM timesteps, AdamW (lr 5e-6, "
+                "weight decay 0.01, constant), batch 3; VAE, text encoder and subject encoder stay frozen. "
+                "The input MODEL is not changed. Cancel stops within one step. Photos of any size are each "
+                "resized (short side) and centre-cropped to the resolution; connect several via an image list."),
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The BLIP-Diffusion UNet (from Load BLIP-Diffusion). Not modified."),
+                io.Clip.Input("clip", tooltip="The BLIP-Diffusion text encoder (frozen; the subject's gradient "
+                                              "flows through it)."),
+                io.Vae.Input("vae", tooltip="The SD 1.5 VAE, to encode the photos (frozen)."),
+                SubjectEncoderType.Input("subject_encoder", tooltip="The subject encoder: it gives the starting "
+                                                                    "subject embedding (frozen)."),
+                io.Image.Input("images", tooltip="Photos of the subject: a batch, or a list of images of any sizes "
+                                                 "(e.g. Load Image Dataset from Folder)."),
+                io.String.Input("category", default="dog",
+                                tooltip="What the subject is ('dog', 'teapot'); the caption is 'a {category}'."),
+                io.Int.Input("steps", default=ft.PUBLISHED_STEPS, min=1, max=10000, tooltip=STEPS_TOOLTIP),
+                io.Float.Input("learning_rate", default=ft.PUBLISHED_LR, min=0.0, max=1.0, step=1e-7,
+                               tooltip="AdamW learning rate, constant. Published (full mode): 5e-6. LoRA mode "
+                                       "usually needs more, e.g. 1e-4."),
+                io.Int.Input("batch_size", default=ft.PUBLISHED_BATCH, min=1, max=64,
+                             tooltip="Photos per step, drawn at random (with replacement) from the connected photos. "
+                                     "Published: 3."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds every random choice: which photos, timesteps, noise, VAE samples and the "
+                                     "LoRA initialisation. Same seed and inputs: same result."),
+                io.Int.Input("resolution", default=ft.PUBLISHED_RESOLUTION, min=64, max=2048, step=64,
+                             tooltip="Training image size (short side resized, then centre-cropped). Published: 512."),
+                io.Combo.Input("mode", options=MODES, default="full",
+                               tooltip="full: the whole UNet is trained, as published (needs memory for an fp32 copy "
+                                       "of the UNet plus AdamW state). lora: low-rank adapters (plus bias and norm "
+                                       "deltas) for smaller GPUs."),
+                io.Int.Input("lora_rank", default=16, min=1, max=256, tooltip="Rank of the LoRA adapters (lora mode)."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in the backward pass: much less memory, about a third "
+                                         "more time. Same result."),
+                io.Combo.Input("preprocess", options=["lavis", "diffusers"], default="lavis", optional=True,
+                               tooltip="How the subject encoder sees the photos for the starting embedding: lavis "
+                                       "(short side to 224, centre crop; as the published fine-tuning) or diffusers "
+                                       "(stretched to 224x224)."),
+                io.Boolean.Input("sample_latents", default=True, optional=True,
+                                 tooltip="On (published): a fresh VAE posterior sample of each photo every step. Off: "
+                                         "the posterior mean."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The fine-tuned UNet (the input MODEL plus the trained change)."),
+                SubjectType.Output(tooltip="The fine-tuned subject embedding, for Subject Conditioning with this "
+                                           "MODEL."),
+                io.Image.Output(display_name="loss_plot", tooltip="The training loss per step."),
+                FinetuneType.Output(display_name="finetune", tooltip="The trained weights and subject, for Save "
+                                                                     "BLIP-Diffusion Fine-tune."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, subject_encoder, images, category, steps, learning_rate, batch_size, seed,
+                resolution, mode, lora_rank, gradient_checkpointing, preprocess="lavis",
+                sample_latents=True) -> io.NodeOutput:
+        args = {k: single_value(v, k) for k, v in dict(
+            model=model, clip=clip, vae=vae, subject_encoder=subject_encoder, category=category, steps=steps,
+            learning_rate=learning_rate, batch_size=batch_size, seed=seed, resolution=resolution, mode=mode,
+            lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing, preprocess=preprocess,
+            sample_latents=sample_latents).items()}
+        args["latent_sampling"] = args.pop("sample_latents")
+        node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
+        out_model, subject, plot, weights = finetune(images=images, node_id=node_id, **args)
+        return io.NodeOutput(out_model, subject, plot, weights)
+
+
+class SaveBlipFinetune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveBlipFinetune",
+            display_name="Save BLIP-Diffusion Fine-tune",
+            category="blip_diffusion",
+            description=("Saves a fine-tune (the UNet change: full difference or LoRA, in the host's LoRA key layout, "
+                         "plus the fine-tuned subject) as one .safetensors file in models/blip_finetunes/. Written "
+                         "to a temporary file and renamed: never half-written. Existing files are kept unless "
+                         "overwrite is on."),
+            inputs=[
+                FinetuneType.Input("finetune", tooltip="From BLIP-Diffusion Fine-tune."),
+                io.String.Input("name", default="my_finetune",
+                                tooltip="File name (letters, digits, spaces, '-', '_', '.'); .safetensors is added."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name."),
+            ],
+            outputs=[io.String.Output(display_name="file", tooltip="The saved file's name.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, finetune, name, overwrite) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths(paths.FINETUNE_FOLDER)[0]
+        path = finetune_io.save_finetune(folder, name, finetune.unet_sd, finetune.subject, finetune.mode,
+                                         finetune.meta, overwrite=overwrite)
+        return io.NodeOutput(os.path.basename(path))
+
+
+class LoadBlipFinetune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadBlipFinetune",
+            display_name="Load BLIP-Diffusion Fine-tune",
+            category="blip_diffusion",
+            description=("Loads a fine-tune saved by Save BLIP-Diffusion Fine-tune and applies its UNet change to "
+                         "a base MODEL (the same one it was trained from) through the host's LoRA loader; also "
+                         "returns the fine-tuned subject. Same base, strength 1: the same model as the fine-tune "
+                         "node's output."),
+            inputs=[
+                io.Model.Input("model", tooltip="The base UNet the fine-tune was trained from."),
+                io.Combo.Input("finetune_name", options=folder_paths.get_filename_list(paths.FINETUNE_FOLDER),
+                               tooltip="A file in models/blip_finetunes/."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scales the UNet change; 1.0 is the fine-tune as trained."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The base MODEL with the fine-tune applied."),
+                SubjectType.Output(tooltip="The fine-tuned subject, for Subject Conditioning."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, finetune_name, strength) -> io.NodeOutput:
+        path = folder_paths.get_full_path(paths.FINETUNE_FOLDER, finetune_name)
+        if path is None:
+            raise FileNotFoundError(f"fine-tune file '{finetune_name}' not found in models/{paths.FINETUNE_FOLDER}/")
+        unet_sd, subject, _mode, _meta = finetune_io.load_finetune(path)
+        return io.NodeOutput(apply_finetune(model, unet_sd, strength), subject)
+
+
+NODES = [BlipFinetune, SaveBlipFinetune, LoadBlipFinetune]
