@@ -175,7 +175,7 @@ def main() -> int:
             z = torch.randn(1, 4, px // 8, px // 8, device=dev)
             sec = timed(lambda: pndm.sample_plms(eps_fn, z, ts, alphas.to(dev)), sync, reps=1)
             record(name=f"render loop {px}px {steps} PNDM steps (UNet only)", dtype=str(dtype), seconds=sec)
-        del unet, dm
+        unet = dm = None
         mm.unload_all_models()
         mm.soft_empty_cache()
 
@@ -186,7 +186,7 @@ def main() -> int:
         enc.to(dtype)
         sec = timed(lambda: enc.encode(img, "teapot"), sync)
         record(name="subject encode (one image)", dtype=str(dtype), seconds=sec)
-    del enc
+    enc = None
 
     # Fine-tune: the node's own training path (full UNet, published optimiser, bf16 autocast on GPU).
     from blip_diffusion.blip_core import finetune as ft
