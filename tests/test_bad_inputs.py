@@ -252,6 +252,34 @@ def save_subject_graph(env: Env, name: str, overwrite=False) -> dict:
     return g
 
 
+def finetune_graph(env: Env, **inputs) -> dict:
+    """LoadImage -> BlipFinetune (tiny: 64 px, 1 step) -> loss plot; ``inputs`` override the node's."""
+    g = {"loader": copy.deepcopy(LOADER),
+         "img": {"class_type": "LoadImage", "inputs": {"image": env.images["sample"]}},
+         "ft": {"class_type": "BlipFinetune", "inputs": {
+             "model": ["loader", 0], "clip": ["loader", 1], "vae": ["loader", 2], "subject_encoder": ["loader", 3],
+             "images": ["img", 0], "category": "teapot", "steps": 1, "learning_rate": 5e-6, "batch_size": 1,
+             "seed": 0, "resolution": 64, "mode": "lora", "lora_rank": 4, "gradient_checkpointing": False}},
+         "plot": {"class_type": "SaveImage", "inputs": {"images": ["ft", 2], "filename_prefix": f"{PREFIX}loss"}}}
+    g["ft"]["inputs"].update(inputs)
+    return g
+
+
+def save_finetune_graph(env: Env, name: str) -> dict:
+    g = finetune_graph(env)
+    g["save_ft"] = {"class_type": "SaveBlipFinetune", "inputs": {"finetune": ["ft", 3], "name": name,
+                                                                 "overwrite": True}}
+    return g
+
+
+def load_finetune_graph(env: Env, name: str) -> dict:
+    return {"loader": copy.deepcopy(LOADER),
+            "load_ft": {"class_type": "LoadBlipFinetune", "inputs": {"model": ["loader", 0], "finetune_name": name,
+                                                                     "strength": 1.0}},
+            "save": {"class_type": "SaveSubject", "inputs": {"subject": ["load_ft", 1], "name": f"{PREFIX}ftcopy",
+                                                             "overwrite": True}}}
+
+
 def with_(graph: dict, node: str, **inputs) -> dict:
     graph[node]["inputs"].update(inputs)
     return graph
@@ -520,6 +548,19 @@ CASES = [
          ("BLIP-Diffusion model folder '' not found",)),
     Case("cnet-missing-controlnet", "BlipControlNetLoader", lambda e: controlnet_graph(e, "bi-no-qformer"), "failed",
          ("'bi-no-qformer' has no controlnet/ subfolder", "choose a folder that ships the ControlNet")),
+    # ---- BLIP-Diffusion Fine-tune, Save / Load Fine-tune
+    Case("ft-steps-0", "BlipFinetune", lambda e: finetune_graph(e, steps=0), "rejected",
+         ("Value 0 smaller than min of 1", "steps")),
+    Case("ft-lr-0", "BlipFinetune", lambda e: finetune_graph(e, learning_rate=0.0), "failed",
+         ("learning_rate must be a positive number (got 0.0)", "the published value is 5e-6")),
+    Case("ft-category-blank", "BlipFinetune", lambda e: finetune_graph(e, category="  "), "failed",
+         ("category is empty", "e.g. 'dog'")),
+    Case("ft-unknown-mode", "BlipFinetune", lambda e: finetune_graph(e, mode="dreambooth"), "failed",
+         ("mode must be one of ['full', 'lora'], got 'dreambooth'",)),
+    Case("ft-save-traversal", "SaveBlipFinetune", lambda e: save_finetune_graph(e, "../escape"), "failed",
+         ("file name '../escape' is not allowed",)),
+    Case("ft-load-empty-name", "LoadBlipFinetune", lambda e: load_finetune_graph(e, ""), "failed",
+         ("fine-tune file '' not found in models/blip_finetunes/",)),
 ]
 IN_PROCESS = ["encode-batch-0"]
 
