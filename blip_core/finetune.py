@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .preprocess import to_uint8_rgb
+from .preprocess import resize_center_crop, to_uint8_rgb
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
@@ -109,19 +109,6 @@ def caption_layout(caption_ids: list[int], bos: int, eos: int, pad: int,
 
 
 # -- images -> training targets ----------------------------------------------------------------
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """torchvision ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on a PIL image."""
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BICUBIC)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
-
-
 def split_images(images) -> list[torch.Tensor]:
     """A host IMAGE batch, or a list of them (any sizes), as single (H, W, C) images."""
     if isinstance(images, torch.Tensor):

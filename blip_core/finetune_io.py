@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import subject_io
 from .subject import Subject
 
 FORMAT_KEY = "blip_diffusion_finetune"
 FORMAT_VERSION = "1"
 SUBJECT_KEY = "blip_subject.embedding"
 MODES = ("full", "lora")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,120}$")
 
 
 class FinetuneFileError(ValueError):
@@ -35,14 +34,7 @@ class FinetuneFileError(ValueError):
 
 
 def sanitise_name(name: str) -> str:
-    """A plain file name ending in .safetensors; refuses paths, traversal and odd characters."""
-    name = (name or "").strip()
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not _SAFE_NAME.match(name) or ".." in name:
-        raise FinetuneFileError(f"file name {name!r} is not allowed: use letters, digits, spaces, '-', '_' and '.', "
-                                "starting with a letter or digit (no folders, no absolute paths)")
-    return name + ".safetensors"
+    return subject_io.sanitise_name(name, what="file name", error=FinetuneFileError)
 
 
 def save_finetune(folder: str, name: str, unet_sd: dict[str, torch.Tensor], subject: Subject, mode: str,

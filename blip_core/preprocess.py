@@ -52,7 +52,8 @@ def _resize_diffusers(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BICUBIC)
 
 
-def _resize_lavis(img: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on a PIL image (LAVIS's transform)."""
     w, h = img.size
     # torchvision Resize(int): short side -> size, long side truncated (int()), then CenterCrop
     # with round() offsets.
@@ -70,7 +71,7 @@ def preprocess(images: torch.Tensor, mode: str = "diffusers", size: int = 224,
     """(B, H, W, C) float [0, 1] -> (B, 3, size, size) float32 normalised pixels."""
     if mode not in MODES:
         raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {MODES}")
-    resize = _resize_diffusers if mode == "diffusers" else _resize_lavis
+    resize = _resize_diffusers if mode == "diffusers" else resize_center_crop
     rgb = to_uint8_rgb(images)
     out = []
     for img in rgb.numpy():

@@ -21,14 +21,14 @@ FORMAT_VERSION = "1"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,120}$")
 
 
-def sanitise_name(name: str) -> str:
+def sanitise_name(name: str, what: str = "subject name", error=ValueError) -> str:
     """A plain file name ending in .safetensors; refuses paths, traversal and odd characters."""
     name = (name or "").strip()
     if name.endswith(".safetensors"):
         name = name[: -len(".safetensors")]
     if not _SAFE_NAME.match(name) or ".." in name:
-        raise ValueError(f"subject name {name!r} is not allowed: use letters, digits, spaces, '-', '_' and '.', "
-                         "starting with a letter or digit (no folders, no absolute paths)")
+        raise error(f"{what} {name!r} is not allowed: use letters, digits, spaces, '-', '_' and '.', "
+                    "starting with a letter or digit (no folders, no absolute paths)")
     return name + ".safetensors"
 
 
