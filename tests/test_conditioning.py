@@ -51,6 +51,7 @@ def test_conditioning_matches_reference(host_clip, subject, reference, index):
     ref = reference[f"cond_{index}"]
     assert cond.shape == ref.shape == (1, 77, 768)
     err = (cond.float() - ref).abs().max().item()
+    print(f"prompt {index}: conditioning max abs error {err:.2e}")
     assert err <= 1e-4, f"max abs error {err}"
     assert "pooled_output" in extra
 
