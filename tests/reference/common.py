@@ -74,3 +74,37 @@ def build_pipeline(model_dir):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def capture_final_latents(pipe, captured: dict) -> None:
+    """Record what the pipeline hands its VAE, in the UNet's latent scale."""
+    decode = pipe.vae.decode
+
+    def spy(z, **kw):
+        captured["final_latents"] = z * pipe.vae.config.scaling_factor
+        return decode(z, **kw)
+
+    pipe.vae.decode = spy
+
+
+def case_kwargs(case: dict) -> dict:
+    """A render case's BlipDiffusion pipeline arguments (defaults as the pipeline's own)."""
+    from PIL import Image
+
+    return dict(
+        prompt=[case["prompt"]], reference_image=Image.open(case["image"]).convert("RGB"),
+        source_subject_category=[case["source_category"]],
+        target_subject_category=[case.get("target_category") or case["source_category"]],
+        generator=torch.Generator().manual_seed(case.get("seed", 0)),
+        guidance_scale=case.get("guidance", 7.5), height=case.get("height", 512), width=case.get("width", 512),
+        num_inference_steps=case.get("steps", 25), neg_prompt=case.get("neg_prompt", ""),
+        prompt_strength=case.get("prompt_strength", 1.0), prompt_reps=case.get("prompt_reps", 20),
+        output_type="pt")
+
+
+def run_cases(cases: list, run) -> dict:
+    """``run(case) -> tensors`` for each case, keys suffixed with the case's index."""
+    result = {}
+    for i, case in enumerate(cases):
+        result.update({f"{k}_{i}": v for k, v in run(case).items()})
+    return result

@@ -12,7 +12,7 @@ outputs per case i: image_i (B,3,H,W in 0..1), final_latents_i (the latents hand
 """
 import os
 
-from common import build_pipeline, io
+from common import build_pipeline, capture_final_latents, case_kwargs, io, run_cases
 
 args, tensors, save = io()
 
@@ -31,13 +31,8 @@ pipe = BlipDiffusionControlNetPipeline(
 )
 pipe.set_progress_bar_config(disable=True)
 captured = {}
-orig_decode = pipe.vae.decode
+capture_final_latents(pipe, captured)
 orig_controlnet = pipe.controlnet.forward
-
-
-def decode_spy(z, **kw):
-    captured["final_latents"] = z * pipe.vae.config.scaling_factor
-    return orig_decode(z, **kw)
 
 
 def controlnet_spy(*a, **kw):
@@ -50,29 +45,15 @@ def controlnet_spy(*a, **kw):
     return orig_controlnet(*a, **kw)
 
 
-pipe.vae.decode = decode_spy
 pipe.controlnet.forward = controlnet_spy
 
 
 def run(case):
     captured.clear()
-    image = Image.open(case["image"]).convert("RGB")
-    edges = Image.open(case["edges"])
     with torch.no_grad():
-        out = pipe(
-            prompt=[case["prompt"]], reference_image=image, condtioning_image=edges,  # sic: diffusers' spelling
-            source_subject_category=[case["source_category"]],
-            target_subject_category=[case.get("target_category") or case["source_category"]],
-            generator=torch.Generator().manual_seed(case.get("seed", 0)),
-            guidance_scale=case.get("guidance", 7.5), height=case.get("height", 512),
-            width=case.get("width", 512), num_inference_steps=case.get("steps", 25),
-            neg_prompt=case.get("neg_prompt", ""), prompt_strength=case.get("prompt_strength", 1.0),
-            prompt_reps=case.get("prompt_reps", 20), output_type="pt",
-        )
+        # sic: diffusers spells the ControlNet argument condtioning_image
+        out = pipe(**case_kwargs(case), condtioning_image=Image.open(case["edges"]))
     return {"image": out.images, **captured}
 
 
-result = {}
-for i, case in enumerate(args["cases"]):
-    result.update({f"{k}_{i}": v for k, v in run(case).items()})
-save(result)
+save(run_cases(args["cases"], run))
