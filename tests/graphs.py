@@ -19,8 +19,9 @@ def put_input_image(server, source: Path, name: str | None = None) -> str:
     return name
 
 
-def zero_shot(model_name, image, category, prompt, seed, steps, size, save_latent=True) -> dict:
-    g = copy.deepcopy(api_workflow("zero_shot"))
+def shipped(name, model_name, image, category, prompt, seed, steps, size) -> dict:
+    """A shipped API workflow with one run's inputs (node ids are shared across the workflows)."""
+    g = copy.deepcopy(api_workflow(name))
     g["loader"]["inputs"]["model_name"] = model_name
     g["reference"]["inputs"]["image"] = image
     g["encode"]["inputs"]["category"] = category
@@ -28,6 +29,11 @@ def zero_shot(model_name, image, category, prompt, seed, steps, size, save_laten
     g["sample"]["inputs"]["noise_seed"] = seed
     g["sigmas"]["inputs"]["steps"] = steps
     g["latent"]["inputs"].update(width=size, height=size)
+    return g
+
+
+def zero_shot(model_name, image, category, prompt, seed, steps, size, save_latent=True) -> dict:
+    g = shipped("zero_shot", model_name, image, category, prompt, seed, steps, size)
     if save_latent:
         g["save_latent"] = {"class_type": "SaveLatent",
                             "inputs": {"samples": ["sample", 0], "filename_prefix": f"latents/zs_{seed}"}}

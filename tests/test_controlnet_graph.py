@@ -7,9 +7,7 @@ own ControlNetApplyAdvanced to positive and negative); the reference gets the sa
 photo, the same edge PNG, prompt, seed and steps. Gates as for the zero-shot graph: final
 latents within 1e-3 (UNet scale) and the 8-bit image within 2/255.
 """
-import copy
 import io
-import json
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from graphs import WORKFLOWS, put_input_image
+from graphs import put_input_image, shipped
 from refenv import run_reference, ROOT
 from test_conditioning import LONG
 
@@ -57,16 +55,9 @@ def reference(test_model_dir, edges_png):
 
 def stylisation(model_name, image, edges, category, prompt, seed, steps, size, controlnet=True) -> dict:
     """The shipped workflow with this run's inputs; controlnet=False bypasses the ControlNet."""
-    g = copy.deepcopy(json.loads((WORKFLOWS / "api" / "controlnet_stylisation.json").read_text()))
-    g["loader"]["inputs"]["model_name"] = model_name
+    g = shipped("controlnet_stylisation", model_name, image, category, prompt, seed, steps, size)
     g["controlnet_loader"]["inputs"]["model_name"] = model_name
-    g["reference"]["inputs"]["image"] = image
     g["edges"]["inputs"]["image"] = edges
-    g["encode"]["inputs"]["category"] = category
-    g["positive"]["inputs"]["prompt"] = prompt
-    g["sample"]["inputs"]["noise_seed"] = seed
-    g["sigmas"]["inputs"]["steps"] = steps
-    g["latent"]["inputs"].update(width=size, height=size)
     if not controlnet:
         g["sample"]["inputs"].update(positive=["positive", 0], negative=["negative", 0])
         for node in ("controlnet_loader", "edges", "apply_controlnet"):
