@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,8 +80,33 @@ def comfy_server(test_model_dir, host_unet_file, tmp_path_factory, request):
     })
     server = ComfyServer(base, ["--fp32-text-enc", "--fp32-unet", "--fp32-vae"])
     server.start()
+    _live_servers.append(server)
     yield server
+    _live_servers.remove(server)
     server.stop()
+
+
+_live_servers: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def drop_saved_finetunes():
+    """Full-UNet fine-tune files are UNet-sized (2.2 GB at test size): each module's go when it ends,
+    so a run's disk use stays flat. A later module that needs one runs the workflow that saves it."""
+    yield
+    for server in _live_servers:
+        for f in (server.base_dir / "models" / "blip_finetunes").glob("*.safetensors"):
+            f.unlink()
+
+
+def free_gb(path) -> float:
+    return shutil.disk_usage(path).free / 2**30
+
+
+def pytest_report_header(config):
+    import tempfile
+    return (f"disk free: {free_gb(tempfile.gettempdir()):.1f} GiB in {tempfile.gettempdir()}, "
+            f"{free_gb(ROOT):.1f} GiB beside the pack (a full run needs about 10 GiB of scratch)")
 
 
 @pytest.fixture

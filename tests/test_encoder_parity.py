@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -207,7 +208,8 @@ def lavis_dir(test_model_dir, tmp_path_factory):
     for rel, sd in lavis_files(lavis).items():
         os.makedirs(d / os.path.dirname(rel), exist_ok=True)
         torch.save(sd, d / rel)
-    return d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_lavis_layout_gives_identical_embedding(encoder, ours, lavis_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,15 +102,18 @@ def inputs(host, photos, test_model_dir):
 
 @pytest.fixture(scope="module")
 def reference(inputs, photos, test_model_dir, tmp_path_factory):
-    big = tmp_path_factory.mktemp("reference-big")
+    big = tmp_path_factory.mktemp("reference-big")  # grads and params: twice the UNet's size
     tensors = {"subject": inputs.init}
     for k, (latents, noise, t) in enumerate(inputs.steps):
         tensors.update({f"latents_{k}": latents, f"noise_{k}": noise, f"timesteps_{k}": t})
-    out = run_reference("finetune.py", {"model_dir": str(test_model_dir), "caption": f"a {CATEGORY}",
-                                        "steps": STEPS, "lr": LR, "weight_decay": 0.01, "big_dir": str(big),
-                                        "images": photos.paths, "resolution": RES}, tensors, timeout=3600)
-    index = {n: (off, tuple(shape)) for n, off, shape in json.loads((big / "index.json").read_text())}
-    return SimpleNamespace(out=out, index=index, big=big)
+    try:
+        out = run_reference("finetune.py", {"model_dir": str(test_model_dir), "caption": f"a {CATEGORY}",
+                                            "steps": STEPS, "lr": LR, "weight_decay": 0.01, "big_dir": str(big),
+                                            "images": photos.paths, "resolution": RES}, tensors, timeout=3600)
+        index = {n: (off, tuple(shape)) for n, off, shape in json.loads((big / "index.json").read_text())}
+        yield SimpleNamespace(out=out, index=index, big=big)
+    finally:
+        shutil.rmtree(big, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

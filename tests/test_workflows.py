@@ -141,10 +141,15 @@ def widget_value_problem(node_type: str, name: str, spec, role: str, value) -> s
 
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def object_info(comfy_server) -> dict:
+def object_info(comfy_server, tmp_path_factory) -> dict:
+    """The host's node list, read once the files that shipped loaders name exist (their combo values)."""
     from blip_diffusion.api.client import ComfyClient
 
-    return ComfyClient(comfy_server.url).object_info()
+    api = ComfyClient(comfy_server.url)
+    scratch = tmp_path_factory.mktemp("saved-files")
+    for name in API_NAMES:
+        make_saved_subjects(comfy_server, api, for_test(load("api", name)), scratch)
+    return api.object_info()
 
 
 def load(kind: str, name: str) -> dict:

@@ -33,9 +33,11 @@ def io():
 
 def bert_tokenizer_dir():
     """A folder BertTokenizer.from_pretrained can read offline: the pack's shipped vocabulary."""
-    import tempfile
+    import atexit
     import shutil
+    import tempfile
     d = tempfile.mkdtemp(prefix="bertvocab-")
+    atexit.register(shutil.rmtree, d, True)
     shutil.copy(os.path.join(BERT_VOCAB_DIR, "bert-base-uncased-vocab.txt"), os.path.join(d, "vocab.txt"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
         json.dump({"do_lower_case": True, "model_max_length": 512}, f)
