@@ -9,6 +9,9 @@ workflow with the same node ids; the tool sets these inputs per item and leaves 
     sample.cfg           cfg                              sigmas.steps          steps
     latent.width/height  width, height                    loader.model_name     --model
     save.filename_prefix blip_batch/<batch>/<item id>
+
+The shipped workflows share these node ids, so ``fill`` serves every one of them: the render
+script, the benchmarks and the tests set a run's inputs through it too.
 """
 from __future__ import annotations
 
@@ -43,6 +46,32 @@ class TemplateError(Exception):
     pass
 
 
+def load_workflow(name: str) -> dict:
+    """A shipped API workflow by name (``workflows/api/<name>.json``)."""
+    return json.loads((PACK_ROOT / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def fill(graph: dict, **values) -> dict:
+    """A copy of an API workflow with the given SLOTS set; None leaves a slot as it is.
+
+    ``size`` sets width and height together. A slot the workflow lacks is an error, so a
+    renamed node id cannot be skipped silently.
+    """
+    if "size" in values:
+        size = values.pop("size")
+        values.setdefault("width", size)
+        values.setdefault("height", size)
+    g = copy.deepcopy(graph)
+    for slot, value in values.items():
+        if value is None:
+            continue
+        node, name = SLOTS[slot]
+        if name not in g.get(node, {}).get("inputs", {}):
+            raise TemplateError(f"the workflow has no {node}.{name} for {slot!r}")
+        g[node]["inputs"][name] = value
+    return g
+
+
 class Template:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else DEFAULT_WORKFLOW
@@ -74,18 +103,11 @@ class Template:
                 "cfg": self.value("cfg") if self.value("cfg") is not None else 7.5, "target_category": ""}
 
     def fill(self, item, image_ref: str, model: str | None, save_prefix: str) -> dict:
-        g = copy.deepcopy(self.graph)
         values = {"image": image_ref, "category": item.category, "prompt": item.prompt, "seed": item.seed,
                   "save": save_prefix, "steps": item.steps, "width": item.width, "height": item.height,
-                  "negative": item.negative, "cfg": item.cfg, "target_category": item.target_category,
+                  "negative": item.negative, "cfg": item.cfg, "target_category": item.target_category or None,
                   "model": model}
-        for slot, value in values.items():
-            if value is None or not self.has(slot):
-                continue
-            if slot == "target_category" and not value:
-                continue
-            node, name = SLOTS[slot]
-            g[node]["inputs"][name] = value
+        g = fill(self.graph, **{k: v for k, v in values.items() if self.has(k)})
         for node in g.values():
             node.pop("_meta", None)
         return g

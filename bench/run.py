@@ -28,6 +28,7 @@ from _pack import import_pack  # noqa: E402
 import_pack()
 from blip_diffusion.api.client import ComfyClient  # noqa: E402
 from blip_diffusion.api.server import ComfyServer, make_base_dir  # noqa: E402
+from blip_diffusion.batch.graph import fill, load_workflow  # noqa: E402
 
 HOST_PY = os.environ.get("COMFYUI_PYTHON") or sys.executable
 REF_PY = str(ROOT / ".cache" / "ref-venv" / "bin" / "python")
@@ -78,15 +79,8 @@ def bench_encode(size: str, reps: int = 8) -> dict:
 
 # -- renders through the host ---------------------------------------------------------------
 def zero_shot_graph(model_name: str, image: str, seed: int, steps: int, size: int) -> dict:
-    g = json.loads((ROOT / "workflows" / "api" / "zero_shot.json").read_text())
-    g["loader"]["inputs"]["model_name"] = model_name
-    g["reference"]["inputs"]["image"] = image
-    g["encode"]["inputs"]["category"] = "teapot"
-    g["positive"]["inputs"]["prompt"] = "on a wooden table in a sunny kitchen"
-    g["sample"]["inputs"]["noise_seed"] = seed
-    g["sigmas"]["inputs"]["steps"] = steps
-    g["latent"]["inputs"].update(width=size, height=size)
-    return g
+    return fill(load_workflow("zero_shot"), model=model_name, image=image, category="teapot",
+                prompt="on a wooden table in a sunny kitchen", seed=seed, steps=steps, size=size)
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -9,7 +9,6 @@ weights, announced as such: their image is noise, the point is the whole pipelin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from _pack import ROOT, import_pack  # noqa: E402
 import_pack()
 from blip_diffusion.api.client import ComfyClient  # noqa: E402
 from blip_diffusion.api.server import ComfyServer, comfyui_dir, make_base_dir  # noqa: E402
+from blip_diffusion.batch.graph import fill, load_workflow  # noqa: E402
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
 
@@ -70,14 +70,8 @@ def main() -> int:
 
     base = make_base_dir(ROOT / ".cache" / "render-base", {"blip_diffusion": {model.name: model}})
     shutil.copy(a.image, base / "input" / a.image.name)
-    graph = json.loads((ROOT / "workflows" / "api" / "zero_shot.json").read_text())
-    graph["loader"]["inputs"]["model_name"] = model.name
-    graph["reference"]["inputs"]["image"] = a.image.name
-    graph["encode"]["inputs"]["category"] = a.category
-    graph["positive"]["inputs"]["prompt"] = a.prompt
-    graph["sigmas"]["inputs"]["steps"] = a.steps
-    graph["sample"]["inputs"]["noise_seed"] = a.seed
-    graph["latent"]["inputs"].update(width=size, height=size)
+    graph = fill(load_workflow("zero_shot"), model=model.name, image=a.image.name, category=a.category,
+                 prompt=a.prompt, steps=a.steps, seed=a.seed, size=size)
 
     started = time.monotonic()
     print(f"starting ComfyUI ({comfyui_dir()}) ...", flush=True)

@@ -1,5 +1,4 @@
 """Shipped API workflows, loaded and adjusted for tests (the tests run what users run)."""
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -21,15 +20,10 @@ def put_input_image(server, source: Path, name: str | None = None) -> str:
 
 def shipped(name, model_name, image, category, prompt, seed, steps, size) -> dict:
     """A shipped API workflow with one run's inputs (node ids are shared across the workflows)."""
-    g = copy.deepcopy(api_workflow(name))
-    g["loader"]["inputs"]["model_name"] = model_name
-    g["reference"]["inputs"]["image"] = image
-    g["encode"]["inputs"]["category"] = category
-    g["positive"]["inputs"]["prompt"] = prompt
-    g["sample"]["inputs"]["noise_seed"] = seed
-    g["sigmas"]["inputs"]["steps"] = steps
-    g["latent"]["inputs"].update(width=size, height=size)
-    return g
+    from blip_diffusion.batch.graph import fill
+
+    return fill(api_workflow(name), model=model_name, image=image, category=category, prompt=prompt,
+                seed=seed, steps=steps, size=size)
 
 
 def zero_shot(model_name, image, category, prompt, seed, steps, size, save_latent=True) -> dict:

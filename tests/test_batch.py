@@ -130,6 +130,25 @@ def test_batch_file_formats_agree_and_ids_are_stable(tmp_path):
             load_batch(path, defaults)
 
 
+def test_fill_sets_every_slot_by_node_id_and_refuses_a_missing_one():
+    from blip_diffusion.batch.graph import SLOTS, TemplateError, fill, load_workflow
+
+    shipped = load_workflow("zero_shot")
+    before = json.dumps(shipped, sort_keys=True)
+    values = {slot: f"v-{slot}" for slot in SLOTS}
+    g = fill(shipped, **values)
+    for slot, (node, name) in SLOTS.items():
+        assert g[node]["inputs"][name] == f"v-{slot}", slot
+    assert json.dumps(shipped, sort_keys=True) == before, "fill changed the workflow it was given"
+    g = fill(shipped, size=320, seed=None)
+    assert (g["latent"]["inputs"]["width"], g["latent"]["inputs"]["height"]) == (320, 320)
+    assert g["sample"]["inputs"]["noise_seed"] == shipped["sample"]["inputs"]["noise_seed"]
+    renamed = dict(shipped)
+    renamed["prompt_node"] = renamed.pop("positive")
+    with pytest.raises(TemplateError, match="positive.prompt"):
+        fill(renamed, prompt="a teapot on the moon")
+
+
 def test_tool_runs_from_any_folder_without_torch(tmp_path):
     """The client side needs no torch: the whole tool imports with the stdlib, requests (and websocket)."""
     noise_image(tmp_path / "a.png")
