@@ -42,9 +42,9 @@ def model_dir(size: str) -> Path:
     return ROOT / ".cache" / "models" / f"blip-diffusion-{size}"
 
 
-def worker(cmd: list[str]) -> dict:
+def worker(cmd: list[str], env: dict | None = None) -> dict:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+                         env=dict(env or os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -77,6 +77,31 @@ def bench_encode(size: str, reps: int = 8) -> dict:
             "settings": f"{size} weights, {reps} timed calls x 2 rounds each side, median"}
 
 
+# -- one UNet call: where the render's time goes ------------------------------------------
+def bench_unet(size: str, reps: int = 5, px: int = 256) -> list[dict]:
+    """The host's UNet (its CPU default attention, and PyTorch SDPA) against the pipeline's UNet."""
+    from blip_diffusion.api.server import comfyui_dir
+
+    cfg = {"model_dir": str(model_dir(size)), "reps": reps, "size": px}
+    env = dict(os.environ, COMFYUI_DIR=str(comfyui_dir()))
+    rounds = []
+    for _ in range(2):  # interleaved rounds, as for the encoder
+        ref = worker([REF_PY, str(HERE / "reference_worker.py"), "unet", json.dumps(cfg)])
+        ours = {a: worker([HOST_PY, str(HERE / "our_unet_worker.py"), json.dumps(dict(cfg, attention=a))], env)
+                for a in ("host-default", "pytorch")}
+        rounds.append((ours, ref))
+    ref_t = statistics.median(t for _, r in rounds for t in r["times_s"])
+    rows = []
+    for a, label in (("host-default", "host's CPU default"), ("pytorch", "--use-pytorch-cross-attention")):
+        ours_t = statistics.median(t for o, _ in rounds for t in o[a]["times_s"])
+        kernel = rounds[0][0][a]["attention"]
+        rows.append({"name": f"one UNet call ({label} attention)", "goal": None, "ours_s": ours_t,
+                     "reference_s": ref_t, "ratio": ours_t / ref_t,
+                     "settings": f"{size} weights, {px} px (CFG batch 2), host kernel {kernel} vs diffusers "
+                                 f"UNet2DConditionModel, {reps} timed calls x 2 rounds each side, median"})
+    return rows
+
+
 # -- renders through the host ---------------------------------------------------------------
 def zero_shot_graph(model_name: str, image: str, seed: int, steps: int, size: int) -> dict:
     return fill(load_workflow("zero_shot"), model=model_name, image=image, category="teapot",
@@ -90,61 +115,64 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def bench_renders(size: str, steps: int = 10, px: int = 256, calls: int = 3, shared: int = 8) -> list[dict]:
+def bench_renders(size: str, steps: int = 10, px: int = 256, calls: int = 3, shared: int = 8,
+                  rounds: int = 2) -> list[dict]:
+    """Rounds alternate the two sides (reference process, then the warm host), so the machine's
+    drift over the minutes a round takes hits both alike."""
     model = model_dir(size)
     flipped = second_image()
     images = [str(SAMPLE), str(flipped)]
-    # Reference: one process builds the pipeline, then renders; subject alternates, so it is
-    # encoded every call, as it would be for a new subject.
-    ref = worker([REF_PY, str(HERE / "reference_worker.py"), "render", json.dumps(
-        {"model_dir": str(model), "images": images, "category": "teapot",
-         "prompt": "on a wooden table in a sunny kitchen", "seeds": list(range(calls + 1)),
-         "steps": steps, "size": px})])
-    ref_shared = worker([REF_PY, str(HERE / "reference_worker.py"), "render", json.dumps(
-        {"model_dir": str(model), "images": [str(SAMPLE)], "category": "teapot",
-         "prompt": "on a wooden table in a sunny kitchen", "seeds": list(range(100, 100 + shared)),
-         "steps": steps, "size": px})])
-
     base = ROOT / ".cache" / "bench-base"
     shutil.rmtree(base, ignore_errors=True)
     make_base_dir(base, {"blip_diffusion": {model.name: model}})
     for img in (SAMPLE, flipped):
         shutil.copy(img, base / "input" / img.name)
+    names = [SAMPLE.name, flipped.name]
+    refs, times, shared_totals, encodes = [], [], [], 0
     started = time.monotonic()
     with ComfyServer(base, ["--fp32-text-enc", "--fp32-unet", "--fp32-vae"]) as server:
         client = ComfyClient(server.url)
-        names = [SAMPLE.name, flipped.name]
         client.run(zero_shot_graph(model.name, names[0], 0, steps, px), timeout=3600)
         cold = time.monotonic() - started
-        times = []
-        for i in range(1, calls + 1):
+        for r in range(rounds):
+            # Reference: one process builds the pipeline, renders with the subject alternating (so
+            # it is encoded every call, as for a new subject), then the shared-subject renders.
+            refs.append(worker([REF_PY, str(HERE / "reference_worker.py"), "render", json.dumps(
+                {"model_dir": str(model), "images": images, "category": "teapot",
+                 "prompt": "on a wooden table in a sunny kitchen", "seeds": list(range(calls + 1)),
+                 "steps": steps, "size": px, "shared_seeds": list(range(100, 100 + shared))})]))
+            for i in range(1, calls + 1):
+                t = time.perf_counter()
+                client.run(zero_shot_graph(model.name, names[i % 2], 10 * r + i, steps, px), timeout=3600)
+                times.append(time.perf_counter() - t)
+            # Renders of one subject queued at once, as a batch would; the subject's encoder
+            # output is reused from the host's cache.
+            client.run(zero_shot_graph(model.name, names[0], 99, steps, px), timeout=3600)  # same subject warm
             t = time.perf_counter()
-            client.run(zero_shot_graph(model.name, names[i % 2], i, steps, px), timeout=3600)
-            times.append(time.perf_counter() - t)
+            ids = [client.queue(zero_shot_graph(model.name, names[0], 100 + k, steps, px)) for k in range(shared)]
+            entries = [client._wait_history(pid, 3600) for pid in ids]
+            shared_totals.append(time.perf_counter() - t)
+            encodes += sum(1 for e in entries if "encode" not in {
+                n for kind, d in e["status"]["messages"] if kind == "execution_cached" for n in d["nodes"]})
         single_peak = peak_rss_mb(server.proc.pid)
-        # Eight renders of one subject queued at once, as a batch would; the subject's
-        # encoder output is reused from the host's cache.
-        client.run(zero_shot_graph(model.name, names[0], 99, steps, px), timeout=3600)  # same subject warm
-        t = time.perf_counter()
-        ids = [client.queue(zero_shot_graph(model.name, names[0], 100 + k, steps, px)) for k in range(shared)]
-        entries = [client._wait_history(pid, 3600) for pid in ids]
-        shared_total = time.perf_counter() - t
-        encodes = sum(1 for e in entries if "encode" not in {n for kind, d in e["status"]["messages"]
-                                                              if kind == "execution_cached" for n in d["nodes"]})
-    ours_single, ref_single = statistics.median(times), statistics.median(ref["times_s"][1:])
-    ref_shared_total = sum(ref_shared["times_s"])
+    ref = {"times_s": [t for r in refs for t in r["times_s"][1:]], "peak_rss_mb": max(r["peak_rss_mb"] for r in refs),
+           "cold_first_image_s": refs[0]["cold_first_image_s"]}
+    shared_total = statistics.median(shared_totals)
+    ref_shared_total = statistics.median(sum(r["shared_times_s"]) for r in refs)
+    ours_single, ref_single = statistics.median(times), statistics.median(ref["times_s"])
     return [
         {"name": f"single zero-shot render ({px} px, {steps} PNDM steps, through the HTTP API)", "goal": 0.9,
          "ours_s": ours_single, "reference_s": ref_single, "ratio": ours_single / ref_single,
          "settings": f"{size} weights, server warm / pipeline built, subject alternating (encoded every call), "
-                     f"median of {calls} calls"},
+                     f"median of {calls} calls x {rounds} rounds each side"},
         {"name": f"{shared} renders sharing one subject (queued through the API)", "goal": 0.6,
          "ours_s": shared_total, "reference_s": ref_shared_total, "ratio": shared_total / ref_shared_total,
-         "settings": f"{size} weights, {px} px, {steps} steps; the host ran the encoder {encodes} time(s) "
-                     f"for the {shared} prompts (the reference encodes on every call)"},
+         "settings": f"{size} weights, {px} px, {steps} steps, median of {rounds} rounds; the host ran the "
+                     f"encoder {encodes} time(s) for the {rounds} x {shared} prompts (the reference encodes on "
+                     "every call)"},
         {"name": "peak memory (RSS) of the render process", "goal": 1.0, "ours_mb": single_peak,
          "reference_mb": ref["peak_rss_mb"], "ratio": single_peak / ref["peak_rss_mb"],
-         "settings": "host process after the single renders vs the reference process after its renders"},
+         "settings": "host process after all its renders vs the largest reference process after its renders"},
         {"name": "cold start: start + first render", "goal": None, "ours_s": cold,
          "reference_s": ref["cold_first_image_s"], "ratio": cold / ref["cold_first_image_s"],
          "settings": "host start, model load and first render vs pipeline build and first render"},
@@ -207,7 +235,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="encode,render,finetune", help="comma-separated: encode, render, finetune")
+    ap.add_argument("--only", default="encode,unet,render,finetune",
+                    help="comma-separated: encode, unet, render, finetune")
     ap.add_argument("--size", default="full", choices=["full", "test"], help="generated weights to use")
     a = ap.parse_args()
     previous = {r["name"]: r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
@@ -215,6 +244,8 @@ def main() -> int:
     only = a.only.split(",")
     if "encode" in only:
         new.append(bench_encode(a.size))
+    if "unet" in only:
+        new += bench_unet(a.size)
     if "render" in only:
         new += bench_renders(a.size)
     if "finetune" in only:
