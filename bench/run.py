@@ -92,10 +92,11 @@ def bench_unet(size: str, reps: int = 5, px: int = 256) -> list[dict]:
         rounds.append((ours, ref))
     ref_t = statistics.median(t for _, r in rounds for t in r["times_s"])
     rows = []
-    for a, label in (("host-default", "host's CPU default"), ("pytorch", "--use-pytorch-cross-attention")):
+    for a, label in (("host-default", "the host's CPU default attention"),
+                     ("pytorch", "PyTorch SDPA, --use-pytorch-cross-attention")):
         ours_t = statistics.median(t for o, _ in rounds for t in o[a]["times_s"])
         kernel = rounds[0][0][a]["attention"]
-        rows.append({"name": f"one UNet call ({label} attention)", "goal": None, "ours_s": ours_t,
+        rows.append({"name": f"one UNet call ({label})", "goal": None, "ours_s": ours_t,
                      "reference_s": ref_t, "ratio": ours_t / ref_t,
                      "settings": f"{size} weights, {px} px (CFG batch 2), host kernel {kernel} vs diffusers "
                                  f"UNet2DConditionModel, {reps} timed calls x 2 rounds each side, median"})
