@@ -9,7 +9,10 @@ files; `controlnet/` (canny, built from the UNet) is safetensors, as released. S
         ViT / 2-layer Q-Former at the real widths.
   full  every component at its published size (for benchmarks).
 
-Usage: python scripts/make_weights.py --size test [--out DIR] [--seed 0]
+Usage: python scripts/make_weights.py --size test [--out DIR] [--seed 0] [--components qformer,unet]
+
+A folder already holding the wanted parts (same size, seed and format) is left as it is; asking
+for more parts rebuilds it with the union. Each part has its own seed.
 """
 import argparse
 import json
@@ -26,7 +29,7 @@ import torch  # noqa: E402
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-FORMAT_VERSION = 4  # bump when the generated layout changes, so caches are rebuilt
+FORMAT_VERSION = 5  # bump when the generated layout or values change, so caches are rebuilt
 
 SIZES = {
     "test": dict(vit_layers=2, qformer_layers=2, unet_layers_per_block=1),
@@ -152,6 +155,14 @@ def small_parts(out, clip_tokenizer_dir):
     json.dump(index, open(os.path.join(out, "model_index.json"), "w"), indent=2)
 
 
+def read_stamp(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="test")
@@ -166,25 +177,33 @@ def main():
     stamp = os.path.join(out, ".complete")
     every = ["qformer", "text_encoder", "vae", "unet", "controlnet"]  # controlnet/ is built from unet/
     parts = every if a.components == "all" else a.components.split(",")
-    want = json.dumps({"size": a.size, "seed": a.seed, "format": FORMAT_VERSION, "parts": parts})
-    if os.path.exists(stamp) and open(stamp).read() == want:
-        print(out)
-        return
+    unknown = sorted(set(parts) - set(every))
+    if unknown:
+        ap.error(f"unknown components {unknown}; choose from {every}")
+    if "controlnet" in parts and "unet" not in parts:
+        parts.append("unet")
+    key = {"size": a.size, "seed": a.seed, "format": FORMAT_VERSION}
+    have = read_stamp(stamp)
+    if have and {k: have.get(k) for k in key} == key:
+        if set(parts) <= set(have["parts"]):
+            print(out)
+            return
+        parts = sorted(set(parts) | set(have["parts"]))  # never drop what is there
     tok = a.clip_tokenizer or os.path.join(os.environ.get("COMFYUI_DIR") or os.path.join(ROOT, ".cache", "ComfyUI"),
                                            "comfy", "sd1_tokenizer")
     tmp = out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    gen = torch.Generator().manual_seed(a.seed)
-    torch.manual_seed(a.seed)
     small_parts(tmp, tok)
-    builders = {"qformer": lambda: qformer(tmp, a.size, gen), "text_encoder": lambda: text_encoder(tmp, gen),
-                "vae": lambda: vae(tmp, gen), "unet": lambda: unet(tmp, a.size, gen),
-                "controlnet": lambda: controlnet(tmp, gen)}
-    for part in every:  # fixed order: the seed stream stays stable
+    builders = {"qformer": lambda g: qformer(tmp, a.size, g), "text_encoder": lambda g: text_encoder(tmp, g),
+                "vae": lambda g: vae(tmp, g), "unet": lambda g: unet(tmp, a.size, g),
+                "controlnet": lambda g: controlnet(tmp, g)}
+    for index, part in enumerate(every):  # fixed order: controlnet/ needs unet/
         if part in parts:
-            builders[part]()
-    open(os.path.join(tmp, ".complete"), "w").write(want)
+            # Each part has its own seed, so its values do not depend on which other parts are built.
+            torch.manual_seed(a.seed * len(every) + index)
+            builders[part](torch.Generator().manual_seed(a.seed * len(every) + index))
+    open(os.path.join(tmp, ".complete"), "w").write(json.dumps(dict(key, parts=[p for p in every if p in parts])))
     # Written aside, then swapped in: an interrupted run never leaves a half model behind.
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

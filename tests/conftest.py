@@ -21,12 +21,13 @@ from _pack import import_pack  # noqa: E402
 import_pack()
 
 
-def generated_model_dir(size: str = "test") -> Path:
-    """The generated released-layout model of this size, written on first use."""
+def generated_model_dir(size: str = "test", components: str = "all") -> Path:
+    """The generated released-layout model of this size, written on first use (at least ``components``)."""
     from refenv import reference_python, offline_env
 
     out = ROOT / ".cache" / "models" / f"blip-diffusion-{size}"
-    proc = subprocess.run([str(reference_python()), str(ROOT / "scripts" / "make_weights.py"), "--size", size],
+    proc = subprocess.run([str(reference_python()), str(ROOT / "scripts" / "make_weights.py"), "--size", size,
+                           "--components", components],
                           capture_output=True, text=True, env=offline_env(), timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"weights generator failed:\n{proc.stderr[-4000:]}")
