@@ -113,9 +113,7 @@ class SaveBlipFinetune(io.ComfyNode):
                          "overwrite is on."),
             inputs=[
                 FinetuneType.Input("finetune", tooltip="From BLIP-Diffusion Fine-tune."),
-                io.String.Input("name", default="my_finetune",
-                                tooltip="File name (letters, digits, spaces, '-', '_', '.'); .safetensors is added."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name."),
+                *paths.save_name_inputs("my_finetune"),
             ],
             outputs=[io.String.Output(display_name="file", tooltip="The saved file's name.")],
             is_output_node=True,
@@ -155,9 +153,7 @@ class LoadBlipFinetune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, finetune_name, strength) -> io.NodeOutput:
-        path = folder_paths.get_full_path(paths.FINETUNE_FOLDER, finetune_name)
-        if path is None:
-            raise FileNotFoundError(f"fine-tune file '{finetune_name}' not found in models/{paths.FINETUNE_FOLDER}/")
+        path = paths.saved_file_path(paths.FINETUNE_FOLDER, finetune_name, "fine-tune")
         unet_sd, subject, _mode, _meta = finetune_io.load_finetune(path)
         return io.NodeOutput(apply_finetune(model, unet_sd, strength), subject)
 

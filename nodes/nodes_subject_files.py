@@ -24,9 +24,7 @@ class SaveSubject(io.ComfyNode):
                          "the encoder. Existing files are kept unless overwrite is on."),
             inputs=[
                 SubjectType.Input("subject", tooltip="The subject to save."),
-                io.String.Input("name", default="my_subject",
-                                tooltip="File name (letters, digits, spaces, '-', '_', '.'); .safetensors is added."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name."),
+                *paths.save_name_inputs("my_subject"),
             ],
             outputs=[io.String.Output(display_name="file", tooltip="The saved file's name.")],
             is_output_node=True,
@@ -59,10 +57,8 @@ class LoadSubject(io.ComfyNode):
 
     @classmethod
     def execute(cls, subject_name, subject_encoder=None) -> io.NodeOutput:
-        path = folder_paths.get_full_path(paths.SUBJECT_FOLDER, subject_name)
-        if path is None:
-            raise FileNotFoundError(f"subject file '{subject_name}' not found in models/{paths.SUBJECT_FOLDER}/: "
-                                    "save one with Save Subject first, or choose an existing file")
+        path = paths.saved_file_path(paths.SUBJECT_FOLDER, subject_name, "subject",
+                                     ": save one with Save Subject first, or choose an existing file")
         try:
             subject = subject_io.load_subject(path)
         except ValueError as e:

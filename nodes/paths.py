@@ -2,6 +2,7 @@
 import os
 
 import folder_paths
+from comfy_api.latest import io
 
 BLIP_FOLDER = "blip_diffusion"
 SUBJECT_FOLDER = "blip_subjects"
@@ -10,7 +11,8 @@ WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 def register_model_folders() -> None:
-    """Add models/blip_diffusion and models/blip_subjects (idempotent; keeps extra_model_paths.yaml entries)."""
+    """Add models/blip_diffusion, blip_subjects and blip_finetunes (idempotent; keeps extra_model_paths.yaml
+    entries)."""
     for name, exts in ((BLIP_FOLDER, WEIGHT_EXTENSIONS), (SUBJECT_FOLDER, {".safetensors"}),
                        (FINETUNE_FOLDER, {".safetensors"})):
         default = os.path.join(folder_paths.models_dir, name)
@@ -45,3 +47,18 @@ def resolve_model_folder(name: str) -> str:
     raise FileNotFoundError(
         f"BLIP-Diffusion model folder '{name}' not found under {folder_paths.get_folder_paths(BLIP_FOLDER)}; "
         "put the released folder (with model_index.json) into models/blip_diffusion/")
+
+
+def save_name_inputs(default: str) -> list:
+    """The name and overwrite inputs of the Save nodes (names follow subject_io.sanitise_name's rule)."""
+    return [io.String.Input("name", default=default,
+                            tooltip="File name (letters, digits, spaces, '-', '_', '.'); .safetensors is added."),
+            io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name.")]
+
+
+def saved_file_path(folder: str, name: str, what: str, hint: str = "") -> str:
+    """Full path of a file listed in one of the pack's save folders, or a FileNotFoundError naming it."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise FileNotFoundError(f"{what} file '{name}' not found in models/{folder}/{hint}")
+    return path
