@@ -231,16 +231,23 @@ def _from_state_dict(sd: dict, source: str, overrides: dict | None = None, **kw)
     return build_encoder(sd, infer_config(sd, overrides), source, **kw)
 
 
+RELEASED_FILES = ("model.safetensors", "pytorch_model.bin")  # in qformer/, in this order of preference
+
+
+def _is_lavis_folder(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, rel)) for rel in LAVIS_FILES.values())
+
+
 def load_released(folder: str, **kw) -> SubjectEncoder:
     """The released ``qformer/`` folder (or the model folder containing it)."""
     if os.path.isdir(os.path.join(folder, "qformer")):
         folder = os.path.join(folder, "qformer")
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in RELEASED_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             break
     else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+        raise FileNotFoundError(f"{folder} has neither {' nor '.join(RELEASED_FILES)}")
     config_path = os.path.join(folder, "config.json")
     overrides = None
     if os.path.isfile(config_path):
@@ -284,10 +291,22 @@ def load_single_file(path: str, **kw) -> SubjectEncoder:
 def load_subject_encoder(path: str, **kw) -> SubjectEncoder:
     """Any of the supported layouts, recognised from the path."""
     if os.path.isdir(path):
-        if all(os.path.isfile(os.path.join(path, rel)) for rel in LAVIS_FILES.values()):
+        if _is_lavis_folder(path):
             return load_lavis(path, **kw)
         return load_released(path, **kw)
     return load_single_file(path, **kw)
+
+
+def weight_files(path: str) -> list[str]:
+    """The weights files load_subject_encoder reads at ``path`` ([] where there are none), for cheap
+    checks before loading."""
+    if not os.path.isdir(path):
+        return [path] if os.path.isfile(path) else []
+    if _is_lavis_folder(path):
+        return [os.path.join(path, rel) for rel in LAVIS_FILES.values()]
+    if os.path.isdir(os.path.join(path, "qformer")):
+        path = os.path.join(path, "qformer")
+    return [os.path.join(path, n) for n in RELEASED_FILES if os.path.isfile(os.path.join(path, n))][:1]
 
 
 def save_single_file(encoder: SubjectEncoder, path: str) -> None:

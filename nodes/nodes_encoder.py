@@ -44,21 +44,8 @@ def encoder_dtype(device) -> torch.dtype:
     return torch.float32
 
 
-def encoder_files(path: str) -> list[str]:
-    """The weights files load_subject_encoder will read at ``path`` (for a cheap check first)."""
-    if not os.path.isdir(path):
-        return [path] if os.path.isfile(path) else []
-    lavis = [os.path.join(path, rel) for rel in encoder_weights.LAVIS_FILES.values()]
-    if all(os.path.isfile(f) for f in lavis):
-        return lavis
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(path, name)):
-            return [os.path.join(path, name)]
-    return []
-
-
 def load_encoder(path: str, name: str) -> EncoderHandle:
-    for file in encoder_files(path):
+    for file in encoder_weights.weight_files(path):
         host_models.check_weights_file(file, f"subject encoder '{name}'")
     encoder = encoder_weights.load_subject_encoder(path, dtype=encoder_dtype(mm.text_encoder_device()),
                                                    device=mm.text_encoder_offload_device())
