@@ -7,18 +7,16 @@ change) and ``<module>.diff_b`` (bias change), LoRA fine-tunes as ``<module>.lor
 tensors. Any LoRA loader of the host reads that part; the subject sits under
 ``blip_subject.embedding`` with its category in the metadata.
 
-Written atomically (temporary file in the same folder, then rename): an interrupted save
-never leaves a truncated file under the final name.
+Written atomically (subject_io.save_atomically): an interrupted save never leaves a truncated
+file under the final name.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import subject_io
 from .subject import Subject
@@ -43,24 +41,13 @@ def save_finetune(folder: str, name: str, unet_sd: dict[str, torch.Tensor], subj
         raise FinetuneFileError(f"unknown fine-tune mode {mode!r}")
     if SUBJECT_KEY in unet_sd:
         raise FinetuneFileError(f"UNet weights may not use the key {SUBJECT_KEY}")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, sanitise_name(name))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{os.path.basename(path)} already exists; choose another name or enable overwrite")
+    file_name = sanitise_name(name)
     metadata = {FORMAT_KEY: FORMAT_VERSION, "mode": mode, "category": subject.category,
                 "subject_meta": json.dumps(subject.meta, sort_keys=True, default=str),
                 "meta": json.dumps(meta or {}, sort_keys=True, default=str)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in unet_sd.items()}
     tensors[SUBJECT_KEY] = subject.embedding.detach().float().cpu().contiguous()
-    fd, tmp = tempfile.mkstemp(prefix=".finetune-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return subject_io.save_atomically(tensors, metadata, folder, file_name, overwrite, ".finetune-")
 
 
 def load_finetune(path: str) -> tuple[dict[str, torch.Tensor], Subject, str, dict]:

@@ -32,22 +32,30 @@ def sanitise_name(name: str, what: str = "subject name", error=ValueError) -> st
     return name + ".safetensors"
 
 
-def save_subject(subject: Subject, folder: str, name: str, overwrite: bool = False) -> str:
+def save_atomically(tensors: dict, metadata: dict, folder: str, file_name: str, overwrite: bool,
+                    temp_prefix: str) -> str:
+    """Write a safetensors file to a temporary file in ``folder``, then rename it to ``file_name``:
+    an interrupted save never leaves a truncated file under the final name."""
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, sanitise_name(name))
+    path = os.path.join(folder, file_name)
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{os.path.basename(path)} already exists; choose another name or enable overwrite")
-    metadata = {FORMAT_KEY: FORMAT_VERSION, "category": subject.category,
-                "meta": json.dumps(subject.meta, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(prefix=".subject-", suffix=".tmp", dir=folder)
+        raise FileExistsError(f"{file_name} already exists; choose another name or enable overwrite")
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix, suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file({"embedding": subject.embedding.detach().float().cpu().contiguous()}, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_subject(subject: Subject, folder: str, name: str, overwrite: bool = False) -> str:
+    metadata = {FORMAT_KEY: FORMAT_VERSION, "category": subject.category,
+                "meta": json.dumps(subject.meta, sort_keys=True)}
+    return save_atomically({"embedding": subject.embedding.detach().float().cpu().contiguous()}, metadata, folder,
+                           sanitise_name(name), overwrite, ".subject-")
 
 
 def load_subject(path: str) -> Subject:
