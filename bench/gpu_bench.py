@@ -1,14 +1,20 @@
 """GPU benchmark, for a session lent an H100/H200 (see bench/gpu.sh); untimed smoke run on CPU.
 
-Builds full-size models with random weights in-process (the host's SD1.5 UNet, CLIP-L and VAE
-classes, our subject encoder: real shapes, so time and memory are real; no weights travel),
-then measures with the host's own model code:
-  * UNet call at 512 px, CFG batch 2, fp16 and bf16; its FLOPs (torch's flop counter) against
-    a measured bf16 matmul rate, the physical floor (goal: within 2.5x);
-  * the zero-shot sampling loop (published PNDM, 25 and 100 steps, CFG 7.5), fp16 and bf16;
-  * subject encode (one image);
-  * the 76-step fine-tune at batch 3, 512 px (full UNet, the published recipe), bf16 autocast.
-Prints one JSON line per measurement and writes them to --out.
+No weights travel: full-size models are built in-process with random values (the host's SD 1.5
+UNet, CLIP-L and VAE classes, our subject encoder; real shapes, so time and memory are real).
+The host's own model code and model management do the work. Measures:
+  * the physical floor: a large bf16 matmul's rate;
+  * one UNet call, 512 px, CFG batch 2, fp16 and bf16, with its FLOPs (torch's flop counter)
+    against that floor (goal: within 2.5x in bf16); in bf16 also channels-last and a batch of 8,
+    which show whether the gap is the card's occupancy at small batch;
+  * the zero-shot workflow (workflows/api/zero_shot.json), its nodes called in its order with its
+    own settings, minus the file loader: subject encode, SubjectConditioning, the negative prompt,
+    the published PNDM sampler in SamplerCustom, VAE decode; 25 and 100 steps, fp16 and bf16;
+    completes, finite output, seconds per step, peak GPU memory;
+  * the same render with the host's torch.compile wrapper (TorchCompileModel's), bf16;
+  * the fine-tune node's training path, 76 steps at batch 3, 512 px, full UNet and LoRA, with
+    the training FLOPs of one step against the floor.
+Prints one JSON line per measurement and writes them all to --out.
 
     python bench/gpu_bench.py --out bench/results/gpu.json            # on the GPU machine
     python bench/gpu_bench.py --device cpu --smoke --out /tmp/x.json   # checks the script runs
@@ -31,6 +37,8 @@ SD15_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_
              'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
              'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
              'use_temporal_attention': False, 'use_temporal_resblock': False}
+SD_VAE = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+          'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 
 
 def setup(device: str):
@@ -89,6 +97,26 @@ def build_clip():
     return clip
 
 
+def build_vae():
+    """An SD VAE state dict in the original layout, handed to the host's VAE (its own detection)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    model = AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
+    randomise(model)
+    return comfy.sd.VAE(sd=model.state_dict())
+
+
+def build_encoder():
+    import comfy.model_management as mm
+    from blip_diffusion.blip_core.subject_encoder import SubjectEncoder
+    from blip_diffusion.nodes.nodes_encoder import EncoderHandle, encoder_dtype
+
+    enc = SubjectEncoder()
+    randomise(enc)
+    return EncoderHandle(enc.to(encoder_dtype(mm.text_encoder_device())).eval(), "random")
+
+
 def timed(fn, sync, reps=3):
     fn()
     sync()
@@ -101,10 +129,44 @@ def timed(fn, sync, reps=3):
     return min(out)
 
 
+def zero_shot(parts, steps: int, px: int, timings: dict):
+    """The shipped zero-shot workflow's nodes, in its order and with its settings; the loader's
+    outputs come from ``parts`` and the photo is random. Returns (latent, image)."""
+    import torch
+
+    import nodes as host_nodes
+    from blip_diffusion.batch.graph import load_workflow
+    from blip_diffusion.nodes.nodes_conditioning import SubjectConditioning
+    from blip_diffusion.nodes.nodes_encoder import SubjectEncode
+    from blip_diffusion.nodes.nodes_sampler import BlipPNDMSampler, BlipPNDMScheduler
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    wf = {k: v["inputs"] for k, v in load_workflow("zero_shot").items()}
+    model, clip, vae, encoder = parts
+    photo = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(0))
+    e, c = wf["encode"], wf["positive"]
+    subject = SubjectEncode.execute(encoder, photo, e["category"], e["image_weights"], e["preprocess"]).result[0]
+    positive = SubjectConditioning.execute(clip, subject, c["prompt"], c["target_category"], c["prompt_strength"],
+                                           c["prompt_reps"]).result[0]
+    negative = host_nodes.CLIPTextEncode().encode(clip, wf["negative"]["text"])[0]
+    latent = host_nodes.EmptyLatentImage().generate(px, px, 1)[0]
+    sigmas = BlipPNDMScheduler.execute(model, steps).result[0]
+    sampler = BlipPNDMSampler.execute(wf["sampler"]["full_denoise"]).result[0]
+    s = wf["sample"]
+    start = time.perf_counter()
+    out = SamplerCustom.execute(model, s["add_noise"], s["noise_seed"], s["cfg"], positive, negative, sampler, sigmas,
+                                latent).result[0]
+    timings["sampling_s"] = time.perf_counter() - start
+    image = host_nodes.VAEDecode().decode(vae, out)[0]
+    return out["samples"], image
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and step counts: checks the script runs")
+    ap.add_argument("--dtypes", help="comma-separated, e.g. bfloat16 (default: float16,bfloat16 on a GPU, float32 on CPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile render")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
     a = ap.parse_args()
     setup(a.device)
@@ -112,8 +174,6 @@ def main() -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     import comfy.model_management as mm
-    from blip_diffusion.blip_core import pndm
-    from blip_diffusion.blip_core.subject_encoder import SubjectEncoder
 
     dev = mm.get_torch_device()
     cuda = dev.type == "cuda"
@@ -121,95 +181,122 @@ def main() -> int:
     px = 64 if a.smoke else 512
     render_steps = [2] if a.smoke else [25, 100]
     ft_steps, ft_res = (2, 64) if a.smoke else (76, 512)
-    dtypes = [torch.float32] if not cuda else [torch.float16, torch.bfloat16]
-    results = []
+    dtypes = ([getattr(torch, d) for d in a.dtypes.split(",")] if a.dtypes
+              else [torch.float16, torch.bfloat16] if cuda else [torch.float32])
+    results, began = [], time.monotonic()
 
     def record(**r):
         r.update(device=torch.cuda.get_device_name() if cuda else "cpu", smoke=a.smoke,
-                 peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+                 peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                 elapsed_s=round(time.monotonic() - began, 1))
         print(json.dumps(r), flush=True)
         results.append(r)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")  # kept if a later step fails
+
+    def fresh_peak():
         if cuda:
+            sync()
             torch.cuda.reset_peak_memory_stats()
 
     # The physical floor: a large bf16 matmul.
+    peak_tflops = None
     if cuda:
         m = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
         sec = timed(lambda: m @ m, sync, reps=10)
         peak_tflops = 2 * 8192 ** 3 / sec / 1e12
         record(name="bf16 matmul 8192^3", tflops=peak_tflops)
         del m
-    else:
-        peak_tflops = None
 
-    clip = build_clip()
-    tokens = clip.tokenize("a teapot on a wooden table")
-    cond = clip.encode_from_tokens(tokens).to(dev)
+    def floor_of(flops):
+        return flops / (peak_tflops * 1e12) if peak_tflops else None
+
+    def render(model, steps, dtype, label=""):
+        fresh_peak()
+        timings, start = {}, time.perf_counter()
+        latent, image = zero_shot((model, clip, vae, encoder), steps, px, timings)
+        sync()
+        record(name=f"zero-shot workflow {px}px {steps} PNDM steps{label}", dtype=str(dtype),
+               seconds=time.perf_counter() - start, sampling_s=timings["sampling_s"],
+               s_per_step=timings["sampling_s"] / steps, image_shape=list(image.shape),
+               finite=bool(torch.isfinite(latent).all() and torch.isfinite(image).all()))
+
+    clip, vae, encoder = build_clip(), build_vae(), build_encoder()
+    cond = clip.encode_from_tokens(clip.tokenize("a teapot on a wooden table")).to(dev)
     for dtype in dtypes:
         unet = build_unet(dtype)
         mm.load_models_gpu([unet])
         dm = unet.model.diffusion_model
-        x = torch.randn(2, 4, px // 8, px // 8, device=dev, dtype=dtype)
-        t = torch.tensor([500.0, 500.0], device=dev)
-        ctx = torch.cat([cond, cond]).to(dtype)
-        with torch.inference_mode():
-            call = timed(lambda: dm(x, t, context=ctx), sync)
-            with FlopCounterMode(display=False) as fc:
-                dm(x, t, context=ctx)
-        flops = fc.get_total_flops()
-        floor = flops / (peak_tflops * 1e12) if peak_tflops else None
-        record(name=f"UNet call {px}px CFG batch 2", dtype=str(dtype), seconds=call, gflops=flops / 1e9,
-               floor_seconds=floor, x_floor=call / floor if floor else None)
-        # Render: the published PLMS loop on the host UNet, CFG 7.5, then the VAE decode.
-        alphas = pndm.alphas_cumprod()
-
-        def eps_fn(xt, ts):
+        calls = [("", 2, torch.contiguous_format)]
+        if dtype == torch.bfloat16:
+            calls += [(" channels-last", 2, torch.channels_last), ("", 8, torch.contiguous_format)]
+        for label, batch, layout in calls:
+            x = torch.randn(batch, 4, px // 8, px // 8, device=dev, dtype=dtype).to(memory_format=layout)
+            t = torch.full((batch,), 500.0, device=dev)
+            ctx = cond.expand(batch, -1, -1).to(dtype)
+            dm.to(memory_format=layout)
+            fresh_peak()
             with torch.inference_mode():
-                e = dm(torch.cat([xt, xt]).to(dtype), torch.tensor([float(ts)] * 2, device=dev),
-                       context=ctx).float()
-            u, c = e.chunk(2)
-            return u + 7.5 * (c - u)
-
+                sec = timed(lambda: dm(x, t, context=ctx), sync)
+                with FlopCounterMode(display=False) as fc:
+                    dm(x, t, context=ctx)
+            flops = fc.get_total_flops()
+            floor = floor_of(flops)
+            record(name=f"UNet call {px}px batch {batch}{label}", dtype=str(dtype), seconds=sec, gflops=flops / 1e9,
+                   floor_seconds=floor, x_floor=sec / floor if floor else None)
+        dm.to(memory_format=torch.contiguous_format)
         for steps in render_steps:
-            ts = pndm.pndm_timesteps(steps)
-            z = torch.randn(1, 4, px // 8, px // 8, device=dev)
-            sec = timed(lambda: pndm.sample_plms(eps_fn, z, ts, alphas.to(dev)), sync, reps=1)
-            record(name=f"render loop {px}px {steps} PNDM steps (UNet only)", dtype=str(dtype), seconds=sec)
+            render(unet, steps, dtype)
         unet = dm = None
         mm.unload_all_models()
         mm.soft_empty_cache()
 
-    enc = SubjectEncoder().to(dev)
-    randomise(enc)
-    img = torch.rand(1, 256, 320, 3)
-    for dtype in dtypes:
-        enc.to(dtype)
-        sec = timed(lambda: enc.encode(img, "teapot"), sync)
-        record(name="subject encode (one image)", dtype=str(dtype), seconds=sec)
-    enc = None
-
-    # Fine-tune: the node's own training path (full UNet, published optimiser, bf16 autocast on GPU).
+    # Fine-tune: the node's training path (published optimiser, bf16 autocast on GPU), both modes.
     from blip_diffusion.blip_core import finetune as ft
     from blip_diffusion.nodes import host_finetune
     from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
 
-    unet = build_unet(torch.float32)
     tok = sd1_tokenizer(clip)
     layout = ft.caption_layout(tok.tokenizer("a teapot", add_special_tokens=False)["input_ids"],
                                tok.start_token, tok.end_token, tok.pad_token)
-    gen = torch.Generator().manual_seed(0)
-    with host_finetune.training(unet, clip, layout, torch.randn(1, 16, 768, generator=gen) * 0.5,
-                                mode="full", gradient_checkpointing=False) as run:
-        lat = torch.randn(3, 4, ft_res // 8, ft_res // 8, generator=gen)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(ft_steps):
-            run.trainer.step(lat, torch.randn(lat.shape, generator=gen), torch.randint(0, 1000, (3,), generator=gen))
-        sync()
-        record(name=f"fine-tune {ft_steps} steps, batch 3, {ft_res}px, full UNet", seconds=time.perf_counter() - t0)
+    for mode in ("full", "lora"):
+        unet = build_unet(torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        fresh_peak()
+        with host_finetune.training(unet, clip, layout, torch.randn(1, 16, 768, generator=gen) * 0.5,
+                                    mode=mode, rank=16, gradient_checkpointing=False) as run:
+            lat = torch.randn(3, 4, ft_res // 8, ft_res // 8, generator=gen)
 
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+            def step():
+                run.trainer.step(lat, torch.randn(lat.shape, generator=gen), torch.randint(0, 1000, (3,), generator=gen))
+
+            with FlopCounterMode(display=False) as fc:
+                step()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(ft_steps):
+                step()
+            sync()
+            total = time.perf_counter() - t0
+        floor = floor_of(fc.get_total_flops() * ft_steps)
+        record(name=f"fine-tune {ft_steps} steps, batch 3, {ft_res}px, {mode}", seconds=total,
+               step_tflops=fc.get_total_flops() / 1e12, floor_seconds=floor, x_floor=total / floor if floor else None)
+        unet = run = None
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+    # Last, so that a compiler failure costs nothing above: the host's torch.compile wrapper
+    # (what its TorchCompileModel node does) on the bf16 UNet; the first render pays the compile.
+    if torch.bfloat16 in dtypes and not a.no_compile:
+        try:
+            from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+            compiled = TorchCompileModel.execute(build_unet(torch.bfloat16), "inductor").result[0]
+            render(compiled, render_steps[0], torch.bfloat16, " torch.compile (first: compiles)")
+            for steps in render_steps:
+                render(compiled, steps, torch.bfloat16, " torch.compile")
+        except Exception as e:  # recorded, not fatal: the measurements above are kept
+            record(name="zero-shot workflow torch.compile", error=f"{type(e).__name__}: {e}"[:500])
     return 0
 
 

@@ -203,11 +203,47 @@ def write_report(results: list[dict]) -> None:
         met = "" if r.get("goal") is None else (" (met)" if r["ratio"] <= r["goal"] else " (**missed**)")
         lines.append(f"| {r['name']} | {goal} | {ours:.2f} {unit} | {ref:.2f} {unit} | {r['ratio']:.2f}x{met} "
                      f"| {r['settings']} |")
+    lines += gpu_section(HERE / "results" / "gpu.json")
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     plot(results, HERE / "ratios.png")
+
+
+def gpu_section(path: Path) -> list[str]:
+    """bench/gpu.sh's measurements (a lent H100/H200), with the issue's GPU goals checked."""
+    if not path.exists():
+        return ["", "## GPU", "", "Not run yet: `bench/gpu.sh` needs a lent GPU machine (see its header)."]
+    rows = json.loads(path.read_text())
+    device = next((r["device"] for r in rows if r.get("device")), "?")
+    out = ["", f"## GPU ({device}, `bench/gpu.sh`, random full-size weights)", "",
+           "| measurement | dtype | seconds | s/step | peak GPU MB | x floor | finite |", "|---|---|---|---|---|---|---|"]
+
+    def cell(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['name']} | | failed: {r['error'][:120]} | | | | |")
+            continue
+        secs = r.get("seconds", r.get("tflops"))
+        secs = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else cell(secs, ".3f")
+        out.append(f"| {r['name']} | {r.get('dtype', '').replace('torch.', '')} | {secs} | "
+                   f"{cell(r.get('s_per_step'), '.4f')} | {cell(r.get('peak_gpu_mb'), '.0f')} | "
+                   f"{cell(r.get('x_floor'), '.1f')} | {'' if 'finite' not in r else 'yes' if r['finite'] else '**NO**'} |")
+    unet = [r for r in rows if r["name"].startswith("UNet call") and r.get("dtype") == "torch.bfloat16"
+            and r.get("x_floor") and "batch 2" in r["name"]]
+    if unet:
+        best = min(r["x_floor"] for r in unet)
+        out += ["", f"Goal, UNet call (CFG batch 2) in bf16 within 2.5x of the measured bf16 floor: {best:.1f}x "
+                    f"({'met' if best <= 2.5 else 'missed'})."]
+    ft_full = [r for r in rows if r["name"].startswith("fine-tune 76 steps") and r["name"].endswith("full")]
+    if ft_full:
+        sec = ft_full[0]["seconds"]
+        out.append(f"Goal, 76-step full fine-tune at 512 px, batch 3, <= 10 s on an H100: {sec:.1f} s "
+                   f"({'met' if sec <= 10 else 'missed'}; on {device}).")
+    return out
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -237,7 +273,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="encode,unet,render,finetune",
-                    help="comma-separated: encode, unet, render, finetune")
+                    help="comma-separated: encode, unet, render, finetune (report: only rewrite RESULTS.md)")
     ap.add_argument("--size", default="full", choices=["full", "test"], help="generated weights to use")
     a = ap.parse_args()
     previous = {r["name"]: r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
