@@ -114,7 +114,7 @@ def build_encoder():
 
     enc = SubjectEncoder()
     randomise(enc)
-    return EncoderHandle(enc.to(encoder_dtype(mm.text_encoder_device())).eval(), "random")
+    return EncoderHandle(enc.eval(), "random", encoder_dtype(mm.text_encoder_device()))
 
 
 def timed(fn, sync, reps=3):

@@ -111,14 +111,14 @@ class SubjectEncoder(nn.Module):
 
         Each image is encoded with the same category; the result is the mean over images, or
         the weighted mean (``weights``: B non-negative numbers, normalised to sum 1), as LAVIS
-        combines several reference images. Returns (1, 16, 768).
+        combines several reference images. Returns (1, 16, 768), float32 whatever the model's dtype.
         """
         ids, mask = self.tokenize(category)
         pixels = preprocess(images, mode=mode, size=self.config.vision.image_size)
         w = _normalised_weights(weights, pixels.shape[0])
         embeds = torch.cat([self(pixels[i:i + chunk], ids, mask) for i in range(0, pixels.shape[0], chunk)])
         w = w.to(embeds.device, torch.float32)[:, None, None]
-        return (w * embeds.float()).sum(0, keepdim=True).to(embeds.dtype)
+        return (w * embeds.float()).sum(0, keepdim=True)  # fp32: a half-precision mean would round it again
 
 
 def _normalised_weights(weights, count: int) -> torch.Tensor:

@@ -215,11 +215,16 @@ class TrainingSession:
     def _register_lora(self):
         from comfy.weight_adapter.lora import LoRAAdapter
 
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed reseeds every CUDA device too: fork them all, so the graph's later draws are untouched.
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
             torch.manual_seed(self.seed)
             for name, m in _wrapped_modules(self.diffusion_model, "diffusion_model."):
                 if m.weight.ndim >= 2:
-                    a = LoRAAdapter.create_train(m.weight, rank=self.rank, alpha=1.0).to(torch.float32)
+                    # The adapter's random half is drawn on the CPU whatever device the UNet sits on (an
+                    # earlier sampler may have left it on the GPU): same seed, same start. A zero-stride
+                    # stand-in gives the weight's shape without copying it.
+                    shape_only = torch.empty(1, dtype=m.weight.dtype).expand(m.weight.shape)
+                    a = LoRAAdapter.create_train(shape_only, rank=self.rank, alpha=1.0).to(torch.float32)
                 else:
                     a = _Delta(m.weight.shape, m.weight.device)
                 self.adapters[name] = a
@@ -406,13 +411,20 @@ def host_vae_moments(vae, pixels: torch.Tensor, sample: bool = True):
             fsm.regularization = _Moments()
             try:
                 params = vae.encode(pixels)
+            except RuntimeError as e:
+                # The host's out-of-memory retry encodes in tiles sized for the latent's channels, not
+                # for both moments; its plain encode (the posterior mean) still works there.
+                log.warning("BlipFinetune: could not read the VAE posterior (%s); training on the posterior mean",
+                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                params = None
             finally:
                 fsm.regularization = reg
-            if params.shape[1] == 2 * vae.latent_channels:
+            if params is not None and params.shape[1] == 2 * vae.latent_channels:
                 mean, std = ft.moments_from_parameters(params.float())
                 return mean.clone(), std.clone()
-            log.warning("BlipFinetune: unexpected VAE encoder output %s; training on the posterior mean",
-                        tuple(params.shape))
+            if params is not None:
+                log.warning("BlipFinetune: unexpected VAE encoder output %s; training on the posterior mean",
+                            tuple(params.shape))
         elif sample:
             log.warning("BlipFinetune: this VAE has no Gaussian posterior to sample; training on its encoding")
         return vae.encode(pixels).float().clone(), None
@@ -473,11 +485,12 @@ def training(model, clip, layout: ft.CaptionLayout, init: torch.Tensor, mode: st
         device = session.device
         subject = torch.nn.Parameter(init.detach().clone().float().to(device))
         autocast, scaler = contextlib.nullcontext, None
-        if device.type != "cpu":
-            dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float16
-            autocast = functools.partial(torch.autocast, device.type, dtype=dtype)
-            if dtype == torch.float16:
-                scaler = torch.amp.GradScaler(device.type)
+        # bf16 where the card has it, else fp16 (with loss scaling) where the host trusts fp16, else fp32.
+        if device.type != "cpu" and mm.should_use_bf16(device):
+            autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+        elif device.type != "cpu" and mm.should_use_fp16(device):
+            autocast = functools.partial(torch.autocast, device.type, dtype=torch.float16)
+            scaler = torch.amp.GradScaler(device.type)
         # Parameters are updated during the backward pass (no UNet-sized gradient buffer), except
         # with fp16 autocast, whose GradScaler needs every gradient before the update.
         optimizer = ft.make_optimizer(session.named_parameters + [("subject", subject)], lr,

@@ -20,15 +20,19 @@ MIN_SIDE = 32  # smaller subject photos are accepted with a warning
 class EncoderHandle:
     """A loaded subject encoder under the host's model management (moved to the GPU when used)."""
 
-    def __init__(self, encoder, name: str):
-        self.encoder = encoder
-        self.name = name
+    def __init__(self, encoder, name: str, dtype: torch.dtype | None = None):
+        # Fingerprinted as loaded (fp32), before the cast to a GPU's half type, so that a subject file
+        # made on one machine matches the same encoder on another.
         self.fingerprint = weights_fingerprint(encoder.state_dict())
+        self.encoder = encoder if dtype is None else encoder.to(dtype)
+        self.name = name
         self.patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=mm.text_encoder_device(),
                                                         offload_device=mm.text_encoder_offload_device())
 
     def encode(self, images, category, weights=None, mode="diffusers") -> torch.Tensor:
-        mm.load_model_gpu(self.patcher)
+        # Whole or not at all: the host's partial load leaves parameters that sit directly on a module
+        # with children (query tokens, class and position embeddings) behind on the CPU.
+        mm.load_models_gpu([self.patcher], force_full_load=True)
         with torch.inference_mode():
             return self.encoder.encode(images, category, weights=weights, mode=mode).float().cpu()
 
@@ -44,12 +48,12 @@ def encoder_dtype(device) -> torch.dtype:
     return torch.float32
 
 
-def load_encoder(path: str, name: str) -> EncoderHandle:
+def load_encoder(path: str, name: str, dtype: torch.dtype | None = None) -> EncoderHandle:
+    """``dtype``: the compute type, by default the one the host's text-encoder device calls for."""
     for file in encoder_weights.weight_files(path):
         host_models.check_weights_file(file, f"subject encoder '{name}'")
-    encoder = encoder_weights.load_subject_encoder(path, dtype=encoder_dtype(mm.text_encoder_device()),
-                                                   device=mm.text_encoder_offload_device())
-    return EncoderHandle(encoder, name)
+    encoder = encoder_weights.load_subject_encoder(path, dtype=torch.float32, device=mm.text_encoder_offload_device())
+    return EncoderHandle(encoder, name, dtype or encoder_dtype(mm.text_encoder_device()))
 
 
 def encoder_choices() -> list[str]:

@@ -108,3 +108,23 @@ def test_zero_size_image_batch_is_refused():
 
     with pytest.raises(ValueError, match="empty image batch"):
         SubjectEncode.execute(None, torch.zeros(0, 64, 64, 3), "dog")
+
+
+def test_half_precision_encoder_keeps_the_fp32_fingerprint_and_returns_an_fp32_mean(test_model_dir):
+    """On a GPU the encoder runs in bf16/fp16; subject files made there must still match the same
+    weights loaded on a CPU machine, and the weighted mean must not be rounded to half precision."""
+    from conftest import comfy_on_path
+
+    comfy_on_path()
+    from blip_diffusion.nodes.nodes_encoder import load_encoder
+
+    qformer = str(test_model_dir / "qformer")
+    fp32 = load_encoder(qformer, "test", dtype=torch.float32)
+    bf16 = load_encoder(qformer, "test", dtype=torch.bfloat16)
+    assert next(bf16.encoder.parameters()).dtype == torch.bfloat16
+    assert bf16.fingerprint == fp32.fingerprint
+    images = torch.cat([as_host_image(SAMPLE), as_host_image(SAMPLE).flip(2)])
+    with torch.inference_mode():
+        mean = bf16.encoder.encode(images, "teapot", weights=[3, 1])
+    assert mean.dtype == torch.float32
+    assert not torch.equal(mean, mean.to(torch.bfloat16).float())  # finer than bf16's grid

@@ -465,3 +465,27 @@ def test_loss_plot_is_an_image():
         img = loss_plot(losses)
         assert img.shape == (1, 360, 640, 3) and img.dtype == torch.float32 and img.min() >= 0 and img.max() <= 1
         assert img.std() > 0
+
+
+def test_vae_posterior_survives_the_hosts_out_of_memory_retry(host, inputs, monkeypatch, caplog):
+    """On a GPU that runs out of memory, the host's VAE retries in tiles sized for the latent's
+    channels, which cannot hold both posterior moments: training falls back to the posterior mean."""
+    import comfy.model_management as mm
+    from blip_diffusion.nodes import host_finetune as nf
+
+    fsm = host.vae.first_stage_model
+    real, calls = fsm.encode, []
+
+    def out_of_memory_once(x):
+        calls.append(tuple(x.shape))
+        if len(calls) == 1:
+            raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
+        return real(x)
+
+    monkeypatch.setattr(fsm, "encode", out_of_memory_once)
+    with caplog.at_level("WARNING", logger="blip_diffusion"):
+        mean, std = nf.host_vae_moments(host.vae, inputs.pixels)
+    assert len(calls) > 2  # the regular encode, the host's tiles, then the plain encode
+    assert std is None
+    assert "training on the posterior mean" in caplog.text
+    assert (mean - inputs.mean).abs().max().item() <= 1e-5
