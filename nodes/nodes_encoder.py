@@ -26,7 +26,7 @@ class EncoderHandle:
         self.fingerprint = weights_fingerprint(encoder.state_dict())
         self.encoder = encoder if dtype is None else encoder.to(dtype)
         self.name = name
-        self.patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=mm.text_encoder_device(),
+        self.patcher = comfy.model_patcher.ModelPatcher(self.encoder, load_device=mm.text_encoder_device(),
                                                         offload_device=mm.text_encoder_offload_device())
 
     def encode(self, images, category, weights=None, mode="diffusers") -> torch.Tensor:
