@@ -87,3 +87,16 @@ def test_non_sd1_clip_is_refused_with_a_clear_error(subject):
     sdxl_like = types.SimpleNamespace(tokenizer=comfy.sdxl_clip.SDXLTokenizer())
     with pytest.raises(ValueError, match="SD 1.x CLIP.*clip_g.*clip_l"):
         condition(sdxl_like, subject, "on a beach")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_clip_takes_the_subject(test_model_dir, host_clip, subject, dtype):
+    """On a GPU the host runs CLIP in fp16/bf16: the fp32 subject must still splice in, and the result
+    stay within half precision's rounding (1% of the largest value) of the fp32 conditioning."""
+    from blip_diffusion.nodes import host_models
+
+    half = host_models.load_clip(str(test_model_dir / "text_encoder"), model_options={"dtype": dtype})
+    got, _ = condition(half, subject, PROMPTS[0])
+    want, _ = condition(host_clip, subject, PROMPTS[0])
+    assert torch.isfinite(got).all()
+    assert (got.float() - want).abs().max().item() <= 0.01 * want.abs().max().item()
