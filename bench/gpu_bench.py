@@ -177,6 +177,11 @@ def main() -> int:
 
     dev = mm.get_torch_device()
     cuda = dev.type == "cuda"
+    if a.device == "cuda" and not cuda:  # fail fast: full sizes on a CPU would burn the whole lease
+        print(f"no CUDA device (torch {torch.__version__}, host picked {dev}); use --device cpu --smoke off-GPU",
+              file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if cuda else 'cpu'}", flush=True)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     px = 64 if a.smoke else 512
     render_steps = [2] if a.smoke else [25, 100]
