@@ -227,8 +227,7 @@ def gpu_section(path: Path) -> list[str]:
         if "error" in r:
             out.append(f"| {r['name']} | | failed: {r['error'][:120]} | | | | |")
             continue
-        secs = r.get("seconds", r.get("tflops"))
-        secs = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else cell(secs, ".3f")
+        secs = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else cell(r.get("seconds"), ".3f")
         out.append(f"| {r['name']} | {r.get('dtype', '').replace('torch.', '')} | {secs} | "
                    f"{cell(r.get('s_per_step'), '.4f')} | {cell(r.get('peak_gpu_mb'), '.0f')} | "
                    f"{cell(r.get('x_floor'), '.1f')} | {'' if 'finite' not in r else 'yes' if r['finite'] else '**NO**'} |")
