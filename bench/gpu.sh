@@ -12,6 +12,9 @@
 # Checked before a lease on CPU in a Python 3.12 venv with the image's torch 2.11 / transformers 5.17
 # and these wheels: `bash bench/gpu.sh --device cpu --smoke`.
 # Results: bench/results/gpu.json and gpu_bench.log ($OUT/ under the device tool: copy them to bench/results/).
+# Some parts again after a fix (bench/run.py's report lists gpu_rerun*.json after the first run):
+#   GPU_BENCH_NAME=gpu_rerun bash bench/gpu.sh --only finetune        (parts: see gpu_bench.py --help)
+# Where the time goes (kernel time against wall time, CUDA-graph replay): bash bench/gpu.sh --profile
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -21,7 +24,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # Under the device tool, results and log go straight to $OUT: they come back even if the run is cut off.
 dest=${OUT:-bench/results}
-[ "$#" -gt 0 ] && dest=/tmp  # arguments (e.g. --device cpu --smoke) mean a check run: keep results out of bench/
+script=gpu_bench name=gpu
+# --profile: the diagnosis instead (bench/gpu_profile.py: kernel time against wall time, CUDA graphs)
+[ "${1:-}" = --profile ] && { shift; script=gpu_profile name=gpu_profile; }
+# arguments off the device tool (e.g. --device cpu --smoke) mean a check run: keep results out of bench/
+[ "$#" -gt 0 ] && [ -z "${OUT:-}" ] && dest=/tmp
 mkdir -p "$dest"
-PYTHONUNBUFFERED=1 timeout "${GPU_BENCH_TIMEOUT:-500}" python3 bench/gpu_bench.py --out "$dest/gpu.json" "$@" 2>&1 \
-  | tee "$dest/gpu_bench.log"
+PYTHONUNBUFFERED=1 timeout "${GPU_BENCH_TIMEOUT:-500}" python3 bench/$script.py --out "$dest/${GPU_BENCH_NAME:-$name}.json" "$@" 2>&1 \
+  | tee "$dest/${GPU_BENCH_NAME:-$script}.log"

@@ -167,6 +167,10 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and step counts: checks the script runs")
     ap.add_argument("--dtypes", help="comma-separated, e.g. bfloat16 (default: float16,bfloat16 on a GPU, float32 on CPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile render")
+    ap.add_argument("--only", default="encode,calls,renders,finetune,compile",
+                    help="comma-separated parts to run: encode, calls (UNet call), renders, finetune, compile")
+    ap.add_argument("--compile-backend", default="inductor", choices=["inductor", "cudagraphs"],
+                    help="TorchCompileModel's backend for the compile part")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
     a = ap.parse_args()
     setup(a.device)
@@ -219,7 +223,8 @@ def main() -> int:
     def render(model, steps, dtype, label=""):
         fresh_peak()
         start = time.perf_counter()
-        latent, image, sampling_s = zero_shot((model, clip, vae, encoder), steps, px)
+        with torch.inference_mode():  # as the host's executor runs every node (execution.py)
+            latent, image, sampling_s = zero_shot((model, clip, vae, encoder), steps, px)
         sync()
         record(name=f"zero-shot workflow {px}px {steps} PNDM steps{label}", dtype=str(dtype),
                seconds=time.perf_counter() - start, sampling_s=sampling_s,
@@ -228,12 +233,26 @@ def main() -> int:
 
     clip, vae, encoder = build_clip(), build_vae(), build_encoder()
     cond = clip.encode_from_tokens(clip.tokenize("a teapot on a wooden table")).to(dev)
-    for dtype in dtypes:
+    parts = set(a.only.split(","))
+    if "encode" in parts:  # SubjectEncode as the workflow runs it: one photo, its category
+        from blip_diffusion.nodes.nodes_encoder import SubjectEncode
+
+        photo = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(0))
+        fresh_peak()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            SubjectEncode.execute(encoder, photo, "teapot", "", "diffusers")
+            sync()
+            first = time.perf_counter() - start
+            sec = timed(lambda: SubjectEncode.execute(encoder, photo, "teapot", "", "diffusers"), sync, reps=5)
+        record(name="subject encode, 1 photo", dtype=str(next(encoder.encoder.parameters()).dtype), seconds=sec,
+               first_call_s=first)
+    for dtype in dtypes if parts & {"calls", "renders"} else []:
         unet = build_unet(dtype)
         mm.load_models_gpu([unet])
         dm = unet.model.diffusion_model
-        calls = [("", 2, torch.contiguous_format)]
-        if dtype == torch.bfloat16:
+        calls = [("", 2, torch.contiguous_format)] if "calls" in parts else []
+        if dtype == torch.bfloat16 and calls:
             calls += [(" channels-last", 2, torch.channels_last), ("", 8, torch.contiguous_format)]
         for label, batch, layout in calls:
             x = torch.randn(batch, 4, px // 8, px // 8, device=dev, dtype=dtype).to(memory_format=layout)
@@ -250,7 +269,7 @@ def main() -> int:
             record(name=f"UNet call {px}px batch {batch}{label}", dtype=str(dtype), seconds=sec, gflops=flops / 1e9,
                    floor_seconds=floor, x_floor=sec / floor if floor else None)
         dm.to(memory_format=torch.contiguous_format)
-        for steps in render_steps:
+        for steps in render_steps if "renders" in parts else []:
             render(unet, steps, dtype)
         unet = dm = None
         mm.unload_all_models()
@@ -264,16 +283,17 @@ def main() -> int:
     tok = sd1_tokenizer(clip)
     layout = ft.caption_layout(tok.tokenizer("a teapot", add_special_tokens=False)["input_ids"],
                                tok.start_token, tok.end_token, tok.pad_token)
-    for mode in ("full", "lora"):
+    for mode in ("full", "lora") if "finetune" in parts else []:
         unet = build_unet(torch.float32)
         gen = torch.Generator().manual_seed(0)
         fresh_peak()
         with host_finetune.training(unet, clip, layout, torch.randn(1, 16, 768, generator=gen) * 0.5,
                                     mode=mode, rank=16, gradient_checkpointing=False) as run:
-            lat = torch.randn(3, 4, ft_res // 8, ft_res // 8, generator=gen)
+            lat = torch.randn(3, 4, ft_res // 8, ft_res // 8, generator=gen).to(dev)
 
-            def step():
-                run.trainer.step(lat, torch.randn(lat.shape, generator=gen), torch.randint(0, 1000, (3,), generator=gen))
+            def step():  # the batch goes to the device as finetune.run sends it
+                run.trainer.step(lat, torch.randn(lat.shape, generator=gen).to(dev),
+                                 torch.randint(0, 1000, (3,), generator=gen).to(dev))
 
             with FlopCounterMode(display=False) as fc:
                 step()
@@ -292,14 +312,15 @@ def main() -> int:
 
     # Last, so that a compiler failure costs nothing above: the host's torch.compile wrapper
     # (what its TorchCompileModel node does) on the bf16 UNet; the first render pays the compile.
-    if torch.bfloat16 in dtypes and not a.no_compile:
+    if torch.bfloat16 in dtypes and not a.no_compile and "compile" in parts:
         try:
             from comfy_extras.nodes_torch_compile import TorchCompileModel
 
-            compiled = TorchCompileModel.execute(build_unet(torch.bfloat16), "inductor").result[0]
-            render(compiled, render_steps[0], torch.bfloat16, " torch.compile (first: compiles)")
+            label = " torch.compile" + ("" if a.compile_backend == "inductor" else f" {a.compile_backend}")
+            compiled = TorchCompileModel.execute(build_unet(torch.bfloat16), a.compile_backend).result[0]
+            render(compiled, render_steps[0], torch.bfloat16, f"{label} (first: compiles)")
             for steps in render_steps:
-                render(compiled, steps, torch.bfloat16, " torch.compile")
+                render(compiled, steps, torch.bfloat16, label)
         except Exception as e:  # recorded, not fatal: the measurements above are kept
             record(name="zero-shot workflow torch.compile", error=f"{type(e).__name__}: {e}"[:500])
     return 0
