@@ -141,7 +141,8 @@ def main() -> int:
         f"| seconds per step | {ours_s:.2f} s | {ref_s:.2f} s | {ours_s / ref_s:.2f}x |",
         f"| peak memory (RSS) | {ours_mb:.0f} MB | {ref_mb:.0f} MB | {ours_mb / ref_mb:.2f}x |", "",
         f"Settings: {settings}. Largest relative loss difference between the sides: {loss_rel:.1e}. Ours updates "
-        "each tensor with torch's fused AdamW during the backward pass (no UNet-sized gradient buffer) and keeps "
+        "its tensors with torch's fused AdamW during the backward pass, a bucket of 32M elements at a time (no "
+        "UNet-sized gradient buffer), and keeps "
         "the input UNet's own weights aside in a temporary file while their trainable copies train; the reference "
         "keeps all gradients and uses torch's default (for-loop) AdamW.",
     ]

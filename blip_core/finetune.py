@@ -215,49 +215,75 @@ def adamw_impl(params) -> dict:
     return {"fused": True} if fused else {"foreach": False}
 
 
+# In-backward updates are made per bucket of this many elements (128 MB of fp32 gradients): one
+# fused AdamW call per bucket instead of one optimiser step per tensor. Per tensor, the Python cost
+# of ~690 optimiser steps was most of a GPU training step (bench/NOTES.md); the bucket bounds the
+# gradient memory held at once to a small fraction of the UNet's.
+BUCKET_NUMEL = 1 << 25
+
+
 class ParamAdamW:
     """AdamW (published settings) over named parameters, with LAVIS' weight-decay groups.
 
-    ``in_backward=True`` updates each parameter as soon as its gradient is complete (one AdamW
-    per tensor, driven by ``register_post_accumulate_grad_hook``), so the gradients of the whole
-    UNet never exist at once: the same AdamW arithmetic (AdamW has no coupling between tensors),
-    one UNet-sized buffer less. ``on_grad(name, grad)`` sees every gradient before its update.
+    ``in_backward=True`` updates parameters while the backward pass runs, as soon as a bucket of
+    completed gradients holds ``bucket_numel`` elements (``register_post_accumulate_grad_hook``),
+    and frees those gradients; ``step()`` after backward updates the rest. The gradients of the
+    whole UNet therefore never exist at once: the same AdamW arithmetic (AdamW has no coupling
+    between tensors), one UNet-sized buffer less. ``on_grad(name, grad)`` sees every gradient
+    before its update.
     """
 
     def __init__(self, named_params, lr: float = PUBLISHED_LR, weight_decay: float = WEIGHT_DECAY,
-                 in_backward: bool = False, on_grad: Callable[[str, torch.Tensor], None] | None = None):
+                 in_backward: bool = False, on_grad: Callable[[str, torch.Tensor], None] | None = None,
+                 bucket_numel: int = BUCKET_NUMEL):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         if not named:
             raise FinetuneError("nothing to train: no parameter requires a gradient")
         self.named, self.in_backward, self.on_grad = named, in_backward, on_grad
+        self.bucket_numel, self._pending, self._pending_numel = bucket_numel, [], 0
         self._hooks = []
-        kw = dict(lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **adamw_impl(p for _, p in named))
+        groups = [g for g in optimizer_groups(named, weight_decay) if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay,
+                                           **adamw_impl(p for _, p in named))
+        self._group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
         if in_backward:
-            decayed = {id(q) for q in optimizer_groups(named, weight_decay)[0]["params"]}
-            self.optimizers = {}
-            for name, p in named:
-                opt = torch.optim.AdamW([p], weight_decay=weight_decay if id(p) in decayed else 0.0, **kw)
-                self.optimizers[name] = opt
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(name, opt)))
-        else:
-            groups = [g for g in optimizer_groups(named, weight_decay) if g["params"]]
-            self.optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay, **kw)
+            self._hooks = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in named]
 
-    def _hook(self, name, opt):
+    def _hook(self, name):
         def hook(p):
             if self.on_grad is not None:
                 self.on_grad(name, p.grad)
-            opt.step()
-            p.grad = None
+            self._pending.append(p)
+            self._pending_numel += p.numel()
+            if self._pending_numel >= self.bucket_numel:
+                self._flush()
         return hook
+
+    def _flush(self):
+        if self._pending:
+            # Show AdamW only the bucket (its state is keyed by tensor, so nothing else changes):
+            # it would otherwise look over every tensor of the UNet at each flush.
+            groups = self.optimizer.param_groups
+            everything = [g["params"] for g in groups]
+            for i, g in enumerate(groups):
+                g["params"] = [p for p in self._pending if self._group_of[id(p)] == i]
+            try:
+                self.optimizer.step()
+            finally:
+                for g, params in zip(groups, everything):
+                    g["params"] = params
+            for p in self._pending:
+                p.grad = None
+        self._pending, self._pending_numel = [], 0
 
     def zero_grad(self):
         for _, p in self.named:
             p.grad = None
+        self._pending, self._pending_numel = [], 0
 
     def step(self):
         if self.in_backward:
-            return  # done during backward
+            return self._flush()  # the last, partly filled bucket
         if self.on_grad is not None:
             for name, p in self.named:
                 if p.grad is not None:
@@ -269,10 +295,7 @@ class ParamAdamW:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for opt in getattr(self, "optimizers", {}).values():
-            opt.state.clear()
-            opt.param_groups.clear()
-        self.optimizers = {}
+        self._pending, self._pending_numel = [], 0
         if getattr(self, "optimizer", None) is not None:
             self.optimizer.state.clear()
             self.optimizer.param_groups.clear()
@@ -281,8 +304,8 @@ class ParamAdamW:
 
 
 def make_optimizer(named_params, lr: float = PUBLISHED_LR, weight_decay: float = WEIGHT_DECAY,
-                   in_backward: bool = False, on_grad=None) -> ParamAdamW:
-    return ParamAdamW(named_params, lr, weight_decay, in_backward, on_grad)
+                   in_backward: bool = False, on_grad=None, bucket_numel: int = BUCKET_NUMEL) -> ParamAdamW:
+    return ParamAdamW(named_params, lr, weight_decay, in_backward, on_grad, bucket_numel)
 
 
 def check_settings(steps: int, lr: float, batch_size: int, resolution: int) -> None:

@@ -411,26 +411,49 @@ def test_non_finite_loss_stops_before_any_update():
     assert torch.equal(w.detach(), torch.ones(4, 1, 1, 1)) and w.grad is None
 
 
-def test_in_backward_adamw_is_adamw():
-    """Stepping each tensor during backward gives torch's AdamW over the LAVIS groups, to the bit."""
+@pytest.mark.parametrize("bucket_numel", [1, 40, 1 << 25])
+def test_in_backward_adamw_is_adamw(bucket_numel):
+    """Stepping buckets of tensors during backward gives torch's AdamW over the LAVIS groups, to the
+    bit, whether each tensor is its own bucket, several share one, or all of them do."""
     from blip_diffusion.blip_core import finetune as ft
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
     twin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
     twin.load_state_dict(net.state_dict())
-    a = ft.make_optimizer(list(net.named_parameters()), 1e-2, in_backward=True)
+    a = ft.make_optimizer(list(net.named_parameters()), 1e-2, in_backward=True, bucket_numel=bucket_numel)
     groups = [{"params": [p for p in twin.parameters() if p.ndim >= 2], "weight_decay": 0.01},
               {"params": [p for p in twin.parameters() if p.ndim < 2], "weight_decay": 0.0}]
     b = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, **ft.adamw_impl(twin.parameters()))
     for _ in range(3):
         x = torch.randn(7, 6)
         net(x).pow(2).mean().backward()
+        a.step()
+        assert all(p.grad is None for p in net.parameters()), "gradients are freed once applied"
         twin(x).pow(2).mean().backward()
         b.step()
         b.zero_grad()
     a.close()
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
+
+
+def test_in_backward_holds_one_bucket_of_gradients():
+    """During backward no more than a bucket (plus the tensor that filled it) of gradients exists."""
+    from blip_diffusion.blip_core import finetune as ft
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])   # 12 tensors, 432 elements
+    held = []
+
+    def on_grad(name, grad):
+        held.append(sum(p.grad.numel() for p in net.parameters() if p.grad is not None))
+
+    opt = ft.make_optimizer(list(net.named_parameters()), 1e-3, in_backward=True, on_grad=on_grad, bucket_numel=100)
+    net(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    assert len(held) == 12 and max(held) <= 100 + 64, held
+    assert max(held) < 432, "a bucket was applied before the backward pass ended"
+    opt.close()
 
 
 def test_finetune_file_is_atomic_and_checked(tmp_path):
