@@ -216,6 +216,10 @@ def gpu_section(path: Path) -> list[str]:
     if not path.exists():
         return ["", "## GPU", "", "Not run yet: `bench/gpu.sh` needs a lent GPU machine (see its header)."]
     rows = json.loads(path.read_text())
+    # A later run of some parts (gpu.sh with --only, GPU_BENCH_NAME=gpu_rerun) after a fix: its rows
+    # follow the first run's, marked, and its figures are the ones the goals are checked on.
+    for rerun in sorted(path.parent.glob(f"{path.stem}_rerun*.json")):
+        rows += [dict(r, name=f"{r['name']} (rerun)") for r in json.loads(rerun.read_text())]
     device = next((r["device"] for r in rows if r.get("device")), "?")
     out = ["", f"## GPU ({device}, `bench/gpu.sh`, random full-size weights)", "",
            "| measurement | dtype | seconds | s/step | peak GPU MB | x floor | finite |", "|---|---|---|---|---|---|---|"]
@@ -237,9 +241,10 @@ def gpu_section(path: Path) -> list[str]:
         best = min(r["x_floor"] for r in unet)
         out += ["", f"Goal, UNet call (CFG batch 2) in bf16 within 2.5x of the measured bf16 floor: {best:.1f}x "
                     f"({'met' if best <= 2.5 else 'missed'})."]
-    ft_full = [r for r in rows if r["name"].startswith("fine-tune 76 steps") and r["name"].endswith("full")]
+    ft_full = [r for r in rows if r["name"].startswith("fine-tune 76 steps") and "full" in r["name"]
+               and "seconds" in r]
     if ft_full:
-        sec = ft_full[0]["seconds"]
+        sec = ft_full[-1]["seconds"]
         out.append(f"Goal, 76-step full fine-tune at 512 px, batch 3, <= 10 s on an H100: {sec:.1f} s "
                    f"({'met' if sec <= 10 else 'missed'}; on {device}).")
     return out

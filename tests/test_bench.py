@@ -65,3 +65,9 @@ def test_gpu_report_checks_the_goals_and_flags_non_finite_output(tmp_path):
     assert "12.5 s (missed" in text
     assert "**NO**" in text
     assert "failed: BackendCompilerFailed: boom" in text
+    # A rerun of the fine-tune after a fix is listed after the first run, and the goal is checked on it.
+    (tmp_path / "gpu_rerun.json").write_text(json.dumps([
+        {"name": "fine-tune 76 steps, batch 3, 512px, full", "seconds": 9.5, "device": "H100"}]))
+    text = "\n".join(run.gpu_section(path))
+    assert "9.5 s (met" in text and "| fine-tune 76 steps, batch 3, 512px, full (rerun) |" in text
+    assert "| fine-tune 76 steps, batch 3, 512px, full |" in text
