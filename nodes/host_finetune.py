@@ -13,8 +13,8 @@ done the way the host's own trainer (``comfy_extras/nodes_train.py``) does it:
   state. lora: the host's own LoRA train adapters as weight wrappers
   (``ModelPatcher.add_weight_wrapper``), plus additive deltas for biases and norm weights, as the
   host's trainer does. Wrappers and the optional gradient-checkpointing patches are removed again;
-* AdamW updates each tensor during the backward pass (torch's fused kernel), so no UNet-sized
-  gradient buffer exists; the host's ProgressBar advances per step and the loss is sent as
+* AdamW updates the tensors during the backward pass, a bucket at a time (torch's fused kernel),
+  so no UNet-sized gradient buffer exists; the host's ProgressBar advances per step and the loss is sent as
   progress text; the host's cancel is checked before every step;
 * the host's CLIP is frozen but the subject's gradient flows through it: a CLIP clone gets
   identity weight wrappers (the host then hands fresh weight copies to each layer, which

@@ -437,6 +437,23 @@ def test_in_backward_adamw_is_adamw(bucket_numel):
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
 
 
+def test_in_backward_two_backwards_before_step_accumulate():
+    """Two backward passes before step() update once with the summed gradient, as torch's AdamW does."""
+    from blip_diffusion.blip_core import finetune as ft
+
+    w, twin = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = ft.make_optimizer([("w", w)], 1e-1, in_backward=True)
+    ref = torch.optim.AdamW([twin], lr=1e-1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                            **ft.adamw_impl([twin]))
+    for p in (w, twin):
+        (p * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        (p * p).sum().backward()
+    opt.step()
+    ref.step()
+    assert torch.equal(w.detach(), twin.detach()) and opt.optimizer.state[w]["step"].item() == 1
+    opt.close()
+
+
 def test_in_backward_holds_one_bucket_of_gradients():
     """During backward no more than a bucket (plus the tensor that filled it) of gradients exists."""
     from blip_diffusion.blip_core import finetune as ft
