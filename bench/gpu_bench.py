@@ -22,6 +22,7 @@ Prints one JSON line per measurement and writes them all to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -161,6 +162,40 @@ def zero_shot(parts, steps: int, px: int):
     return out["samples"], image, sampling_s
 
 
+@contextlib.contextmanager
+def finetune_steps(clip, mode: str, res: int, after_build=None):
+    """The fine-tune node's training path on a fresh fp32 UNet: yields one training step on a random
+    batch of 3 at ``res`` px; the models are unloaded afterwards. ``after_build`` runs once the UNet
+    is built, before training starts (e.g. to reset the peak-memory counter)."""
+    import torch
+
+    import comfy.model_management as mm
+    from blip_diffusion.blip_core import finetune as ft
+    from blip_diffusion.nodes import host_finetune
+    from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
+
+    dev = mm.get_torch_device()
+    tok = sd1_tokenizer(clip)
+    layout = ft.caption_layout(tok.tokenizer("a teapot", add_special_tokens=False)["input_ids"],
+                               tok.start_token, tok.end_token, tok.pad_token)
+    unet = build_unet(torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    if after_build is not None:
+        after_build()
+    with host_finetune.training(unet, clip, layout, torch.randn(1, 16, 768, generator=gen) * 0.5,
+                                mode=mode, rank=16, gradient_checkpointing=False) as run:
+        lat = torch.randn(3, 4, res // 8, res // 8, generator=gen).to(dev)
+
+        def step():  # the batch goes to the device as finetune.run sends it
+            run.trainer.step(lat, torch.randn(lat.shape, generator=gen).to(dev),
+                             torch.randint(0, 1000, (3,), generator=gen).to(dev))
+
+        yield step
+    unet = run = None
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -276,25 +311,8 @@ def main() -> int:
         mm.soft_empty_cache()
 
     # Fine-tune: the node's training path (published optimiser, bf16 autocast on GPU), both modes.
-    from blip_diffusion.blip_core import finetune as ft
-    from blip_diffusion.nodes import host_finetune
-    from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
-
-    tok = sd1_tokenizer(clip)
-    layout = ft.caption_layout(tok.tokenizer("a teapot", add_special_tokens=False)["input_ids"],
-                               tok.start_token, tok.end_token, tok.pad_token)
     for mode in ("full", "lora") if "finetune" in parts else []:
-        unet = build_unet(torch.float32)
-        gen = torch.Generator().manual_seed(0)
-        fresh_peak()
-        with host_finetune.training(unet, clip, layout, torch.randn(1, 16, 768, generator=gen) * 0.5,
-                                    mode=mode, rank=16, gradient_checkpointing=False) as run:
-            lat = torch.randn(3, 4, ft_res // 8, ft_res // 8, generator=gen).to(dev)
-
-            def step():  # the batch goes to the device as finetune.run sends it
-                run.trainer.step(lat, torch.randn(lat.shape, generator=gen).to(dev),
-                                 torch.randint(0, 1000, (3,), generator=gen).to(dev))
-
+        with finetune_steps(clip, mode, ft_res, after_build=fresh_peak) as step:
             with FlopCounterMode(display=False) as fc:
                 step()
             sync()
@@ -306,9 +324,6 @@ def main() -> int:
         floor = floor_of(fc.get_total_flops() * ft_steps)
         record(name=f"fine-tune {ft_steps} steps, batch 3, {ft_res}px, {mode}", seconds=total,
                step_tflops=fc.get_total_flops() / 1e12, floor_seconds=floor, x_floor=total / floor if floor else None)
-        unet = run = None
-        mm.unload_all_models()
-        mm.soft_empty_cache()
 
     # Last, so that a compiler failure costs nothing above: the host's torch.compile wrapper
     # (what its TorchCompileModel node does) on the bf16 UNet; the first render pays the compile.

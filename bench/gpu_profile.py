@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,24 +90,8 @@ def main() -> int:
     mm.unload_all_models()
     mm.soft_empty_cache()
 
-    from blip_diffusion.blip_core import finetune as ft
-    from blip_diffusion.nodes import host_finetune
-    from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
-
-    tok = sd1_tokenizer(clip)
-    layout = ft.caption_layout(tok.tokenizer("a teapot", add_special_tokens=False)["input_ids"],
-                               tok.start_token, tok.end_token, tok.pad_token)
     for mode in ("full", "lora"):
-        unet = gb.build_unet(torch.float32)
-        gen = torch.Generator().manual_seed(0)
-        with host_finetune.training(unet, clip, layout, torch.randn(1, 16, 768, generator=gen) * 0.5,
-                                    mode=mode, rank=16, gradient_checkpointing=False) as run:
-            lat = torch.randn(3, 4, res // 8, res // 8, generator=gen).to(dev)
-
-            def step():
-                run.trainer.step(lat, torch.randn(lat.shape, generator=gen).to(dev),
-                                 torch.randint(0, 1000, (3,), generator=gen).to(dev))
-
+        with gb.finetune_steps(clip, mode, res) as step:
             wall = gb.timed(step, sync, reps=5)
             with profile(activities=acts) as prof:
                 for _ in range(3):
@@ -120,9 +103,6 @@ def main() -> int:
         record(name=f"fine-tune step, batch 3, {res}px, {mode}", wall_s=wall,
                gpu_kernel_s=device_us(prof) / 3e6 if cuda else None,
                top_ops=[(e.key, round(getattr(e, key) / 3e3, 2), e.count // 3) for e in top])
-        unet = run = None
-        mm.unload_all_models()
-        mm.soft_empty_cache()
     return 0
 
 
