@@ -240,7 +240,8 @@ class ParamAdamW:
         if not named:
             raise FinetuneError("nothing to train: no parameter requires a gradient")
         self.named, self.in_backward, self.on_grad = named, in_backward, on_grad
-        self.bucket_numel, self._pending, self._pending_ids, self._pending_numel = bucket_numel, [], set(), 0
+        self.bucket_numel = bucket_numel
+        self._clear_pending()
         self._hooks = []
         groups = [g for g in optimizer_groups(named, weight_decay) if g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay,
@@ -253,10 +254,9 @@ class ParamAdamW:
         def hook(p):
             if self.on_grad is not None:
                 self.on_grad(name, p.grad)
-            if id(p) in self._pending_ids:
+            if id(p) in self._pending:
                 return  # a second backward before step(): its gradient was summed into the pending one
-            self._pending_ids.add(id(p))
-            self._pending.append(p)
+            self._pending[id(p)] = p
             self._pending_numel += p.numel()
             if self._pending_numel >= self.bucket_numel:
                 self._flush()
@@ -269,20 +269,23 @@ class ParamAdamW:
             groups = self.optimizer.param_groups
             everything = [g["params"] for g in groups]
             for i, g in enumerate(groups):
-                g["params"] = [p for p in self._pending if self._group_of[id(p)] == i]
+                g["params"] = [p for p in self._pending.values() if self._group_of[id(p)] == i]
             try:
                 self.optimizer.step()
             finally:
                 for g, params in zip(groups, everything):
                     g["params"] = params
-            for p in self._pending:
+            for p in self._pending.values():
                 p.grad = None
-        self._pending, self._pending_ids, self._pending_numel = [], set(), 0
+        self._clear_pending()
+
+    def _clear_pending(self):
+        self._pending, self._pending_numel = {}, 0  # id -> tensor, in the order the gradients came
 
     def zero_grad(self):
         for _, p in self.named:
             p.grad = None
-        self._pending, self._pending_ids, self._pending_numel = [], set(), 0
+        self._clear_pending()
 
     def step(self):
         if self.in_backward:
@@ -298,7 +301,7 @@ class ParamAdamW:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._pending, self._pending_ids, self._pending_numel = [], set(), 0
+        self._clear_pending()
         if getattr(self, "optimizer", None) is not None:
             self.optimizer.state.clear()
             self.optimizer.param_groups.clear()
