@@ -49,10 +49,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .preprocess import resize_center_crop, to_uint8_rgb
+from .schedule import LATENT_SCALE, NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 0.00085, 0.012
-LATENT_SCALE = 0.18215
 SUBJECT_BEGIN = 2
 CONTEXT_LENGTH = 77
 
@@ -145,14 +143,7 @@ def target_pixels(images: list[torch.Tensor], resolution: int) -> torch.Tensor:
     return torch.stack(out).float() / 255.0
 
 
-# -- noise schedule -----------------------------------------------------------------------------
-def alphas_cumprod(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
-                   beta_end: float = BETA_END) -> torch.Tensor:
-    """SD 1.5's ``scaled_linear`` schedule, computed in float32 as diffusers' DDPMScheduler does."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
+# -- noise (the schedule itself: blip_core/schedule.py) ---------------------------------------
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
               acp: torch.Tensor) -> torch.Tensor:
     """The DDPM forward process ``sqrt(a) x0 + sqrt(1 - a) eps`` (diffusers' ``add_noise`` arithmetic)."""

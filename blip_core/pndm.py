@@ -1,7 +1,8 @@
 """The published sampler: PNDM's PLMS as diffusers' PNDMScheduler runs it for BLIP-Diffusion.
 
 Settings fixed by the release: skip_prk_steps=True, set_alpha_to_one=False, steps_offset 0,
-"leading" spacing, scaled_linear betas 0.00085 -> 0.012 over 1000, epsilon prediction.
+"leading" spacing, scaled_linear betas 0.00085 -> 0.012 over 1000 (blip_core/schedule.py),
+epsilon prediction.
 
 Two views of the same loop:
 - ``sample_plms``: diffusers' view, integer timesteps and an alpha_bar table.
@@ -16,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .schedule import NUM_TRAIN_TIMESTEPS, leading_timesteps, sigma_to_alpha
+
 # Adams-Bashforth weights, newest epsilon first (PNDM paper, eq. 12 and its warm-up orders).
 _AB_WEIGHTS = (
     (1.0,),
@@ -25,34 +28,11 @@ _AB_WEIGHTS = (
 )
 
 
-def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                   beta_end: float = 0.012, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """alpha_bar[t] for the scaled_linear schedule, in float32 like diffusers (bit-equal)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=dtype) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def leading_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """The distinct timesteps of "leading" spacing, noisiest first (25 steps: 960, 920, ..., 0)."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
-    ratio = num_train_timesteps // steps
-    return [i * ratio for i in reversed(range(steps))]
-
-
-def pndm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+def pndm_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """diffusers' timestep list for skip_prk_steps: the second timestep repeats (PLMS warm-up),
     so N steps are N+1 model calls (25 steps: 960, 920, 920, 880, ..., 0)."""
     ts = leading_timesteps(steps, num_train_timesteps)
     return ts[:2] + ts[1:]
-
-
-def alpha_to_sigma(alpha_bar: float) -> float:
-    return math.sqrt((1.0 - alpha_bar) / alpha_bar)
-
-
-def sigma_to_alpha(sigma: float) -> float:
-    return 1.0 / (1.0 + sigma * sigma)
 
 
 def plms_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float) -> torch.Tensor:

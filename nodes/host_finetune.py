@@ -41,6 +41,7 @@ import comfy.sd
 import comfy.utils
 
 from ..blip_core import finetune as ft
+from ..blip_core import schedule
 from ..blip_core.finetune_plot import loss_plot
 from ..blip_core.subject import Subject
 from .nodes_conditioning import sd1_tokenizer
@@ -440,7 +441,7 @@ def check_schedule(model) -> float:
     """The MODEL must use SD 1.x's noise schedule (the published DDPM targets); returns its latent scale."""
     ms = model.get_model_object("model_sampling")
     sigmas = getattr(ms, "sigmas", None)
-    ours = ft.alphas_cumprod().double()
+    ours = schedule.alphas_cumprod().double()
     if sigmas is None or sigmas.numel() != ours.numel():
         raise ft.FinetuneError("this MODEL has no 1000-step discrete noise schedule; BLIP-Diffusion fine-tuning "
                                "needs an SD 1.x UNet")

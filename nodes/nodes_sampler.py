@@ -12,7 +12,7 @@ import comfy.model_sampling
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..blip_core import pndm
+from ..blip_core import pndm, schedule
 
 
 def sample_blip_pndm(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -104,7 +104,7 @@ class BlipPNDMScheduler(io.ComfyNode):
     @classmethod
     def execute(cls, model, steps) -> io.NodeOutput:
         table = model.get_model_object("model_sampling").sigmas.float().cpu()
-        ts = pndm.leading_timesteps(steps, num_train_timesteps=len(table))
+        ts = schedule.leading_timesteps(steps, num_train_timesteps=len(table))
         return io.NodeOutput(torch.cat([table[ts], table.new_zeros(1)]))
 
 

@@ -14,7 +14,7 @@ import torch
 
 from refenv import run_reference
 
-from blip_diffusion.blip_core import pndm
+from blip_diffusion.blip_core import pndm, schedule
 
 pytestmark = pytest.mark.reference
 
@@ -33,7 +33,7 @@ def fake_eps(x, t, a, c=0.0):
     return (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
 
 
-ALPHAS = pndm.alphas_cumprod()  # bit-equal to diffusers' table (test_alphas_cumprod_bit_equal)
+ALPHAS = schedule.alphas_cumprod()  # bit-equal to diffusers' table (test_alphas_cumprod_bit_equal)
 
 
 def fake_eps_at(x, t):
@@ -69,13 +69,13 @@ def test_timesteps_equal_diffusers(ref, steps):
 
 
 def test_alphas_cumprod_bit_equal(ref):
-    assert torch.equal(pndm.alphas_cumprod(), ref["alphas_cumprod"])
+    assert torch.equal(schedule.alphas_cumprod(), ref["alphas_cumprod"])
 
 
 # (b) the loop in diffusers' own terms ----------------------------------------------------
 
 def run_ours(noise, steps, final_alpha=None):
-    return pndm.sample_plms(fake_eps_at, noise.clone(), pndm.pndm_timesteps(steps), pndm.alphas_cumprod(),
+    return pndm.sample_plms(fake_eps_at, noise.clone(), pndm.pndm_timesteps(steps), schedule.alphas_cumprod(),
                             final_alpha_cumprod=final_alpha)
 
 
@@ -90,8 +90,8 @@ def test_loop_matches_diffusers(ref, noise, steps):
 def plms_without_warmup(noise, steps):
     """A plausible mistake: plain Adams-Bashforth from the first step, no repeated timestep."""
     weights = [(1,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24)]
-    ac = pndm.alphas_cumprod()
-    ts = pndm.leading_timesteps(steps)
+    ac = schedule.alphas_cumprod()
+    ts = schedule.leading_timesteps(steps)
     alphas = [float(ac[t]) for t in ts] + [float(ac[0])]
     x, hist = noise.clone(), []
     for i, t in enumerate(ts):
@@ -202,7 +202,7 @@ def test_scheduler_sigmas_are_the_model_table(host):
     patcher = make_model()
     table = patcher.get_model_object("model_sampling").sigmas
     sigmas = nodes_sampler.BlipPNDMScheduler.execute(patcher, 25).result[0]
-    ac = pndm.alphas_cumprod(dtype=torch.float64)
+    ac = schedule.alphas_cumprod(dtype=torch.float64)
     expected = [math.sqrt((1 - ac[t]) / ac[t]) for t in range(960, -1, -40)] + [0.0]
     assert len(sigmas) == 26 and torch.equal(sigmas[:-1], table[list(range(960, -1, -40))])
     assert torch.allclose(sigmas.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6)
