@@ -59,7 +59,7 @@ def ours_worker(tensor_file: str, steps: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from blip_diffusion.blip_core import finetune as ft
+    from blip_diffusion.blip_core import prompting
     from blip_diffusion.nodes import host_models
     from blip_diffusion.nodes import host_finetune as nf
     from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
@@ -69,8 +69,8 @@ def ours_worker(tensor_file: str, steps: int) -> dict:
         unet = host_models.load_unet(str(MODEL_DIR / "unet"))
         clip = host_models.load_clip(str(MODEL_DIR / "text_encoder"))
     tok = sd1_tokenizer(clip)
-    layout = ft.caption_layout(tok.tokenizer("a dog", add_special_tokens=False)["input_ids"], tok.start_token,
-                               tok.end_token, tok.pad_token)
+    layout = prompting.caption_layout(tok.tokenizer("a dog", add_special_tokens=False)["input_ids"], tok.start_token,
+                                      tok.end_token, tok.pad_token)
     seconds, losses = [], []
     with nf.training(unet, clip, layout, t["subject"], mode="full", lr=LR) as run:
         for k in range(steps):

@@ -51,9 +51,6 @@ from PIL import Image
 from .preprocess import resize_center_crop, to_uint8_rgb
 from .schedule import LATENT_SCALE, NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
-SUBJECT_BEGIN = 2
-CONTEXT_LENGTH = 77
-
 # The published fine-tuning settings (LAVIS finetune-db-*.yaml, paper appendix table 1).
 PUBLISHED_STEPS = 76          # mean of the per-subject steps in the appendix's table 1 (20 to 120)
 PUBLISHED_LR = 5e-6
@@ -87,23 +84,6 @@ def training_caption(category: str) -> tuple[str, str]:
     if not subject:
         raise FinetuneError("category is empty: name what the subject is, e.g. 'dog'")
     return subject, clean_caption(f"a {subject}")
-
-
-@dataclass
-class CaptionLayout:
-    ids: list[int]        # the host CLIP's 61 token ids (BOS, caption, EOS, then padding)
-    used: int             # positions the published text encoder sees: caption ids + subject tokens
-
-
-def caption_layout(caption_ids: list[int], bos: int, eos: int, pad: int,
-                   subject_tokens: int = 16) -> CaptionLayout:
-    """``[BOS] caption [EOS]`` for a subject spliced in at position 2, padded for a 77-slot CLIP."""
-    seq = [bos] + list(caption_ids) + [eos]
-    used = len(seq) + subject_tokens
-    if used > CONTEXT_LENGTH:
-        raise FinetuneError(f"the caption takes {len(seq)} tokens; with the {subject_tokens} subject vectors that "
-                            f"exceeds the text encoder's {CONTEXT_LENGTH} positions: use a shorter category")
-    return CaptionLayout(seq + [pad] * (CONTEXT_LENGTH - subject_tokens - len(seq)), used)
 
 
 # -- images -> training targets ----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """How BLIP-Diffusion turns a prompt and a subject into the text encoder's input.
 
 The published recipe: amplify the prompt by repetition, tokenise to 77 - 16 = 61 ids
-(truncating), and insert the 16 subject vectors right after ``[BOS, "a"]``.
+(truncating), and insert the 16 subject vectors right after ``[BOS, "a"]``. The fine-tune's
+caption ``a {category}`` takes the same place around the subject, unamplified.
 """
 from __future__ import annotations
 
@@ -23,9 +24,14 @@ def amplify_prompt(prompt: str, category: str, strength: float = 1.0, reps: int 
 
 @dataclass
 class TokenLayout:
-    """Ids around the subject: ``ids[:SUBJECT_BEGIN] + [subject] + ids[SUBJECT_BEGIN:]``."""
-    ids: list[int]            # exactly CONTEXT_LENGTH - SUBJECT_TOKENS ids
-    dropped_words: str        # words of the first prompt copy that did not fit ("" if none)
+    """Ids around the subject: ``ids[:SUBJECT_BEGIN] + [subject] + ids[SUBJECT_BEGIN:]``.
+
+    The one layout of the inference prompt (``layout_tokens``) and of the fine-tune caption
+    (``caption_layout``).
+    """
+    ids: list[int]                  # CONTEXT_LENGTH - subject_tokens ids: BOS, text, EOS, then padding
+    dropped_words: str = ""         # words of the first prompt copy that did not fit ("" if none)
+    used: int = CONTEXT_LENGTH      # positions the published text encoder reads (the caption: fewer)
 
 
 def layout_tokens(encode, decode, prompt: str, category: str, strength: float, reps: int,
@@ -43,4 +49,20 @@ def layout_tokens(encode, decode, prompt: str, category: str, strength: float, r
     seq += [pad] * (CONTEXT_LENGTH - subject_tokens - len(seq))
     single = encode(f"a {category} {prompt.strip()}")
     dropped = decode(single[room:]).strip() if len(single) > room else ""
-    return TokenLayout(seq, dropped)
+    return TokenLayout(seq, dropped, CONTEXT_LENGTH)
+
+
+def caption_layout(caption_ids: list[int], bos: int, eos: int, pad: int,
+                   subject_tokens: int = SUBJECT_TOKENS) -> TokenLayout:
+    """The fine-tune caption: ``[BOS] caption [EOS]`` for a subject spliced in at SUBJECT_BEGIN, padded
+    for a CONTEXT_LENGTH-slot CLIP; ``used`` counts the caption's ids and the subject's tokens (the
+    published fine-tune neither amplifies nor pads). Raises the fine-tune's FinetuneError if it does not fit.
+    """
+    seq = [bos] + list(caption_ids) + [eos]
+    used = len(seq) + subject_tokens
+    if used > CONTEXT_LENGTH:
+        from .finetune import FinetuneError  # the fine-tune's own error; prompting itself stays torch-free
+
+        raise FinetuneError(f"the caption takes {len(seq)} tokens; with the {subject_tokens} subject vectors that "
+                            f"exceeds the text encoder's {CONTEXT_LENGTH} positions: use a shorter category")
+    return TokenLayout(seq + [pad] * (CONTEXT_LENGTH - subject_tokens - len(seq)), "", used)

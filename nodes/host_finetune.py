@@ -41,7 +41,7 @@ import comfy.sd
 import comfy.utils
 
 from ..blip_core import finetune as ft
-from ..blip_core import schedule
+from ..blip_core import prompting, schedule
 from ..blip_core.finetune_plot import loss_plot
 from ..blip_core.subject import Subject
 from .nodes_conditioning import sd1_tokenizer
@@ -339,10 +339,10 @@ class TrainingSession:
         topts = dict(self.unet_patcher.model_options.get("transformer_options", {}))
         return self.diffusion_model(x.float(), t.float(), context=cond.float(), transformer_options=topts)
 
-    def text(self, layout: ft.CaptionLayout):
+    def text(self, layout: prompting.TokenLayout):
         """subject (1, 16, D) -> (1, layout.used, D): the caption with the subject spliced in at position 2."""
         clip = self.clip
-        at = ft.SUBJECT_BEGIN
+        at = prompting.SUBJECT_BEGIN
 
         def encode(subject):
             pairs = ([(t, 1.0) for t in layout.ids[:at]] + [(subject[0], 1.0)]
@@ -474,7 +474,7 @@ def _progress_text(node_id, text):
 
 
 @contextlib.contextmanager
-def training(model, clip, layout: ft.CaptionLayout, init: torch.Tensor, mode: str = "full", rank: int = 16,
+def training(model, clip, layout: prompting.TokenLayout, init: torch.Tensor, mode: str = "full", rank: int = 16,
              seed: int = 0, lr: float = ft.PUBLISHED_LR, gradient_checkpointing: bool = False, on_grad=None):
     """A ready ``ft.Trainer`` (UNet + subject, published optimiser) inside a TrainingSession.
 
@@ -534,8 +534,8 @@ def finetune(model, clip, vae, subject_encoder, images, category: str, steps: in
         subject_text, caption = ft.training_caption(category)
         tok = sd1_tokenizer(clip)
         width = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
-        layout = ft.caption_layout(tok.tokenizer(caption, add_special_tokens=False)["input_ids"],
-                                   tok.start_token, tok.end_token, tok.pad_token)
+        layout = prompting.caption_layout(tok.tokenizer(caption, add_special_tokens=False)["input_ids"],
+                                          tok.start_token, tok.end_token, tok.pad_token)
         scale = check_schedule(model)
 
         pixels = ft.target_pixels(photos, resolution)

@@ -8,6 +8,7 @@ with AdamW needs ~7-10 GB per side, so the reference runs first and our UNet is 
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -68,13 +69,13 @@ def host(test_model_dir):
 
 @pytest.fixture(scope="module")
 def layout(host):
-    from blip_diffusion.blip_core import finetune as ft
+    from blip_diffusion.blip_core import finetune as ft, prompting
     from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
 
     tok = sd1_tokenizer(host.clip)
     _, caption = ft.training_caption(CATEGORY)
-    return ft.caption_layout(tok.tokenizer(caption, add_special_tokens=False)["input_ids"], tok.start_token,
-                             tok.end_token, tok.pad_token)
+    return prompting.caption_layout(tok.tokenizer(caption, add_special_tokens=False)["input_ids"], tok.start_token,
+                                    tok.end_token, tok.pad_token)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_three_steps_match_reference(reference, inputs, layout, host, host_unet,
             loss0 = tr.loss(latents, noise, t).item()
             # Negative controls: each deviation from the published step moves the loss past the tolerance.
             wrong_t = tr.loss(latents, noise, (t + 1).clamp(max=999)).item()
-            padded = ft.CaptionLayout(layout.ids, 77)
+            padded = dataclasses.replace(layout, used=77)
             loss_padded = ft.epsilon_loss(tr.unet, run.session.text(padded), tr.subject, latents, noise, t,
                                           tr.acp).item()
             loss_no_subject = ft.epsilon_loss(tr.unet, tr.text, torch.zeros_like(tr.subject), latents, noise, t,
@@ -358,7 +359,7 @@ def test_lora_loss_decreases_and_the_saved_lora_reloads_identically(host_unet, h
 
 # -- bad input and small parts (no model needed) ------------------------------------------------------
 def test_bad_settings_are_refused_with_clear_messages():
-    from blip_diffusion.blip_core import finetune as ft
+    from blip_diffusion.blip_core import finetune as ft, prompting
 
     for kwargs, word in [(dict(steps=0), "steps"), (dict(lr=0.0), "learning_rate"), (dict(lr=-1e-5), "learning_rate"),
                          (dict(lr=float("nan")), "learning_rate"), (dict(batch_size=0), "batch_size"),
@@ -373,14 +374,14 @@ def test_bad_settings_are_refused_with_clear_messages():
     with pytest.raises(ft.FinetuneError, match="category is empty"):
         ft.training_caption("  ")
     with pytest.raises(ft.FinetuneError, match="shorter category"):
-        ft.caption_layout(list(range(100, 160)), 1, 2, 2)
+        prompting.caption_layout(list(range(100, 160)), 1, 2, 2)
 
 
 def test_caption_is_lavis_cleaned_and_unamplified():
-    from blip_diffusion.blip_core import finetune as ft
+    from blip_diffusion.blip_core import finetune as ft, prompting
 
     assert ft.training_caption("Red  Teapot.") == ("red teapot", "a red teapot")
-    layout = ft.caption_layout([320, 1929], 49406, 49407, 49407)
+    layout = prompting.caption_layout([320, 1929], 49406, 49407, 49407)
     assert layout.used == 20 and len(layout.ids) == 61 and layout.ids[:5] == [49406, 320, 1929, 49407, 49407]
 
 
