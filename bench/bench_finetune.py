@@ -59,18 +59,14 @@ def ours_worker(tensor_file: str, steps: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from blip_diffusion.blip_core import prompting
-    from blip_diffusion.nodes import host_models
+    from blip_diffusion.nodes import host_clip, host_models
     from blip_diffusion.nodes import host_finetune as nf
-    from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
 
     t = load_file(tensor_file)
     with torch.inference_mode():  # as the host's loader nodes run
         unet = host_models.load_unet(str(MODEL_DIR / "unet"))
         clip = host_models.load_clip(str(MODEL_DIR / "text_encoder"))
-    tok = sd1_tokenizer(clip)
-    layout = prompting.caption_layout(tok.tokenizer("a dog", add_special_tokens=False)["input_ids"], tok.start_token,
-                                      tok.end_token, tok.pad_token)
+    layout = host_clip.caption_layout(clip, "a dog")
     seconds, losses = [], []
     with nf.training(unet, clip, layout, t["subject"], mode="full", lr=LR) as run:
         for k in range(steps):

@@ -170,14 +170,10 @@ def finetune_steps(clip, mode: str, res: int, after_build=None):
     import torch
 
     import comfy.model_management as mm
-    from blip_diffusion.blip_core import prompting
-    from blip_diffusion.nodes import host_finetune
-    from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
+    from blip_diffusion.nodes import host_clip, host_finetune
 
     dev = mm.get_torch_device()
-    tok = sd1_tokenizer(clip)
-    layout = prompting.caption_layout(tok.tokenizer("a teapot", add_special_tokens=False)["input_ids"],
-                                      tok.start_token, tok.end_token, tok.pad_token)
+    layout = host_clip.caption_layout(clip, "a teapot")
     unet = build_unet(torch.float32)
     gen = torch.Generator().manual_seed(0)
     if after_build is not None:

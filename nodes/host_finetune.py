@@ -44,7 +44,7 @@ from ..blip_core import finetune as ft
 from ..blip_core import prompting, schedule
 from ..blip_core.finetune_plot import loss_plot
 from ..blip_core.subject import Subject
-from .nodes_conditioning import sd1_tokenizer
+from . import host_clip
 
 log = logging.getLogger("blip_diffusion")
 
@@ -340,13 +340,16 @@ class TrainingSession:
         return self.diffusion_model(x.float(), t.float(), context=cond.float(), transformer_options=topts)
 
     def text(self, layout: prompting.TokenLayout):
-        """subject (1, 16, D) -> (1, layout.used, D): the caption with the subject spliced in at position 2."""
+        """subject (1, 16, D) -> (1, layout.used, D): the caption with the subject spliced in at position 2.
+
+        The same pairs as SubjectConditioning's (host_clip.token_pairs), but not through
+        ``encode_from_tokens``: that asks model management to load the CLIP at every step (the
+        session loads both models once, see ``__enter__``), and the encode runs under the
+        saved-tensor hook below."""
         clip = self.clip
-        at = prompting.SUBJECT_BEGIN
 
         def encode(subject):
-            pairs = ([(t, 1.0) for t in layout.ids[:at]] + [(subject[0], 1.0)]
-                     + [(t, 1.0) for t in layout.ids[at:]])
+            pairs = host_clip.token_pairs(layout, subject[0])
             csm = clip.cond_stage_model
             csm.reset_clip_options()
             if clip.layer_idx is not None:
@@ -532,10 +535,8 @@ def finetune(model, clip, vae, subject_encoder, images, category: str, steps: in
     with torch.inference_mode(False), torch.enable_grad():
         photos = ft.split_images(images)
         subject_text, caption = ft.training_caption(category)
-        tok = sd1_tokenizer(clip)
-        width = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
-        layout = prompting.caption_layout(tok.tokenizer(caption, add_special_tokens=False)["input_ids"],
-                                          tok.start_token, tok.end_token, tok.pad_token)
+        width = host_clip.text_width(clip)
+        layout = host_clip.caption_layout(clip, caption)
         scale = check_schedule(model)
 
         pixels = ft.target_pixels(photos, resolution)

@@ -4,22 +4,10 @@ import logging
 from comfy_api.latest import io
 
 from ..blip_core import prompting
+from . import host_clip
 from .types import SubjectType
 
 log = logging.getLogger("blip_diffusion")
-
-
-def sd1_tokenizer(clip):
-    """The host's CLIP-L tokenizer of an SD 1.x CLIP, or a clear error for any other CLIP."""
-    tok = getattr(clip, "tokenizer", None)
-    if getattr(tok, "clip_name", None) == "l" and hasattr(tok, "clip_l"):
-        return tok.clip_l
-    encoders = sorted(k for k in vars(tok) if k.startswith("clip_") and k != "clip_name") if tok else []
-    raise ValueError(
-        "SubjectConditioning needs an SD 1.x CLIP (a single CLIP-L text encoder, 768 wide), as loaded by "
-        "Load BLIP-Diffusion or by CLIPLoader with type 'stable_diffusion'; the connected CLIP "
-        f"({type(tok).__name__}, encoders {encoders}) cannot take BLIP-Diffusion subjects (SD2, SDXL, SD3 and "
-        "Flux CLIPs are not supported).")
 
 
 class SubjectConditioning(io.ComfyNode):
@@ -57,28 +45,17 @@ class SubjectConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, subject, prompt, target_category, prompt_strength, prompt_reps) -> io.NodeOutput:
-        tok = sd1_tokenizer(clip)
+        width = host_clip.text_width(clip)  # refuses CLIPs other than SD 1.x first
         category = (target_category or "").strip() or subject.category
-        width = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
         if width != subject.width:
             raise ValueError(f"the subject is {subject.width} wide but the connected CLIP's embeddings are {width} "
                              "wide: connect the text encoder that belongs to the subject encoder's model.")
-        hf = tok.tokenizer
-
-        def encode(text):
-            return hf(text, add_special_tokens=False)["input_ids"]
-
-        layout = prompting.layout_tokens(encode, hf.decode, prompt, category, prompt_strength, prompt_reps,
-                                         bos=tok.start_token, eos=tok.end_token, pad=tok.pad_token,
-                                         subject_tokens=subject.tokens)
+        layout = host_clip.prompt_layout(clip, prompt, category, prompt_strength, prompt_reps, subject.tokens)
         if layout.dropped_words:
             log.warning("SubjectConditioning: the prompt is longer than the %d tokens BLIP-Diffusion reads; "
                         "these words were dropped: %r", prompting.CONTEXT_LENGTH - subject.tokens - 2,
                         layout.dropped_words)
-        at = prompting.SUBJECT_BEGIN
-        pairs = ([(t, 1.0) for t in layout.ids[:at]] + [(subject.embedding[0].float(), 1.0)]
-                 + [(t, 1.0) for t in layout.ids[at:]])
-        cond, pooled = clip.encode_from_tokens({"l": [pairs]}, return_pooled=True)
+        cond, pooled = host_clip.encode_spliced(clip, layout, subject.embedding[0])
         return io.NodeOutput([[cond, {"pooled_output": pooled}]])
 
 

@@ -100,3 +100,18 @@ def test_half_precision_clip_takes_the_subject(test_model_dir, host_clip, subjec
     want, _ = condition(host_clip, subject, PROMPTS[0])
     assert torch.isfinite(got).all()
     assert (got.float() - want).abs().max().item() <= 0.01 * want.abs().max().item()
+
+
+def test_splice_puts_the_subject_after_bos_and_a():
+    """The one splice rule (SubjectConditioning and the fine-tune): 16 vectors as one item after [BOS, "a"];
+    no subject, the plain ids."""
+    comfy_on_path()
+    from blip_diffusion.blip_core import prompting
+    from blip_diffusion.nodes import host_clip
+
+    layout = prompting.TokenLayout([49406, 320, 1929, 49407])
+    emb = torch.randn(16, 768)
+    pairs = host_clip.token_pairs(layout, emb[None])
+    assert [p[0] for p in pairs[:2]] == [49406, 320] and torch.equal(pairs[2][0], emb)
+    assert [p[0] for p in pairs[3:]] == [1929, 49407] and {w for _, w in pairs} == {1.0}
+    assert host_clip.token_pairs(layout.ids, None) == [(t, 1.0) for t in layout.ids]

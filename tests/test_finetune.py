@@ -69,13 +69,11 @@ def host(test_model_dir):
 
 @pytest.fixture(scope="module")
 def layout(host):
-    from blip_diffusion.blip_core import finetune as ft, prompting
-    from blip_diffusion.nodes.nodes_conditioning import sd1_tokenizer
+    from blip_diffusion.blip_core import finetune as ft
+    from blip_diffusion.nodes import host_clip
 
-    tok = sd1_tokenizer(host.clip)
     _, caption = ft.training_caption(CATEGORY)
-    return prompting.caption_layout(tok.tokenizer(caption, add_special_tokens=False)["input_ids"], tok.start_token,
-                                    tok.end_token, tok.pad_token)
+    return host_clip.caption_layout(host.clip, caption)
 
 
 @pytest.fixture(scope="module")
