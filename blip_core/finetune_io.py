@@ -24,7 +24,7 @@ from .subject import Subject
 FORMAT_KEY = "blip_diffusion_finetune"
 FORMAT_VERSION = "1"
 SUBJECT_KEY = "blip_subject.embedding"
-MODES = ("full", "lora")
+FINETUNE_MODES = ("full", "lora")
 
 
 class FinetuneFileError(ValueError):
@@ -37,7 +37,7 @@ def sanitise_name(name: str) -> str:
 
 def save_finetune(folder: str, name: str, unet_sd: dict[str, torch.Tensor], subject: Subject, mode: str,
                   meta: dict | None = None, overwrite: bool = False) -> str:
-    if mode not in MODES:
+    if mode not in FINETUNE_MODES:
         raise FinetuneFileError(f"unknown fine-tune mode {mode!r}")
     if SUBJECT_KEY in unet_sd:
         raise FinetuneFileError(f"UNet weights may not use the key {SUBJECT_KEY}")
@@ -68,7 +68,7 @@ def load_finetune(path: str) -> tuple[dict[str, torch.Tensor], Subject, str, dic
     except Exception as e:  # safetensors raises its own errors for corrupt files
         raise FinetuneFileError(f"{base} is not a readable fine-tune file ({e})") from e
     mode = metadata.get("mode")
-    if mode not in MODES:
+    if mode not in FINETUNE_MODES:
         raise FinetuneFileError(f"{base}: unknown fine-tune mode {mode!r}")
     embedding = tensors.pop(SUBJECT_KEY).to(torch.float32)
     subject = Subject(embedding, metadata.get("category", ""), json.loads(metadata.get("subject_meta") or "{}"))

@@ -20,7 +20,7 @@ import torch
 
 from .subject import Subject
 
-MODES = ("linear", "spherical")
+INTERPOLATIONS = ("linear", "spherical")
 _PARALLEL_SIN = 1e-4   # below this sin(angle) slerp's 1/sin(angle) amplifies rounding: use lerp
 _ZERO_NORM = 1e-12
 
@@ -85,8 +85,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def blend(a, b, t, mode="linear"):
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"mode must be one of {INTERPOLATIONS}, got {mode!r}")
     return (lerp if mode == "linear" else slerp)(a, b, t)
 
 

@@ -13,7 +13,7 @@ Channels: 3 = RGB; 1 = grayscale, repeated to RGB (as PIL's "L" -> "RGB"); 4 = R
 float, before rounding). Note that diffusers' own ``convert("RGB")`` would instead discard
 alpha, showing whatever colour the transparent pixels happen to hold.
 
-Modes:
+Styles (PREPROCESSING_STYLES, the ``mode`` argument):
   "diffusers" (default): resize to exactly 224x224 (aspect ratio not kept), x / 255, normalise.
   "lavis": resize the short side to 224 (torchvision's rounding), centre-crop 224x224, as the
       original LAVIS implementation's torchvision transform does.
@@ -26,7 +26,7 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MODES = ("diffusers", "lavis")
+PREPROCESSING_STYLES = ("diffusers", "lavis")
 
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,8 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 def preprocess(images: torch.Tensor, mode: str = "diffusers", size: int = 224,
                mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """(B, H, W, C) float [0, 1] -> (B, 3, size, size) float32 normalised pixels."""
-    if mode not in MODES:
-        raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {MODES}")
+    if mode not in PREPROCESSING_STYLES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {PREPROCESSING_STYLES}")
     resize = _resize_diffusers if mode == "diffusers" else resize_center_crop
     rgb = to_uint8_rgb(images)
     out = []

@@ -105,16 +105,18 @@ class SubjectEncoder(nn.Module):
         return ids, mask
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, category: str, weights=None, mode: str = "diffusers",
+    def encode(self, images: torch.Tensor, category: str, weights=None, preprocessing: str = "diffusers",
                chunk: int = 8) -> torch.Tensor:
         """Subject embedding of one subject shown in ``images`` (B, H, W, C float [0, 1]).
 
         Each image is encoded with the same category; the result is the mean over images, or
         the weighted mean (``weights``: B non-negative numbers, normalised to sum 1), as LAVIS
-        combines several reference images. Returns (1, 16, 768), float32 whatever the model's dtype.
+        combines several reference images. ``preprocessing``: how the photos are brought to the
+        encoder's size, one of ``preprocess.PREPROCESSING_STYLES``. Returns (1, 16, 768), float32
+        whatever the model's dtype.
         """
         ids, mask = self.tokenize(category)
-        pixels = preprocess(images, mode=mode, size=self.config.vision.image_size)
+        pixels = preprocess(images, mode=preprocessing, size=self.config.vision.image_size)
         w = _normalised_weights(weights, pixels.shape[0])
         embeds = torch.cat([self(pixels[i:i + chunk], ids, mask) for i in range(0, pixels.shape[0], chunk)])
         w = w.to(embeds.device, torch.float32)[:, None, None]

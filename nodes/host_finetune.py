@@ -42,13 +42,12 @@ import comfy.utils
 
 from ..blip_core import finetune as ft
 from ..blip_core import prompting, schedule
+from ..blip_core.finetune_io import FINETUNE_MODES
 from ..blip_core.finetune_plot import loss_plot
 from ..blip_core.subject import Subject
 from . import host_clip
 
 log = logging.getLogger("blip_diffusion")
-
-MODES = ["full", "lora"]
 
 
 @dataclass
@@ -189,8 +188,8 @@ class TrainingSession:
 
     def __init__(self, model, clip, mode: str = "full", rank: int = 16, seed: int = 0,
                  gradient_checkpointing: bool = False):
-        if mode not in MODES:
-            raise ft.FinetuneError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in FINETUNE_MODES:
+            raise ft.FinetuneError(f"mode must be one of {list(FINETUNE_MODES)}, got {mode!r}")
         if not isinstance(getattr(model, "model", None), comfy.model_base.BaseModel):
             raise ft.FinetuneError("the MODEL input is not a diffusion model the host can train")
         if model.model.model_type != comfy.model_base.ModelType.EPS:
@@ -436,7 +435,7 @@ def host_vae_moments(vae, pixels: torch.Tensor, sample: bool = True):
 
 def initial_subject(subject_encoder, images: list[torch.Tensor], category: str, preprocess: str) -> torch.Tensor:
     """Mean subject embedding of the training photos, each encoded on its own (sizes may differ)."""
-    embs = [subject_encoder.encode(img[None], category, mode=preprocess) for img in images]
+    embs = [subject_encoder.encode(img[None], category, preprocessing=preprocess) for img in images]
     return torch.stack([e.float() for e in embs]).mean(dim=0)
 
 
@@ -528,8 +527,8 @@ def finetune(model, clip, vae, subject_encoder, images, category: str, steps: in
              node_id=None):
     """The node's work, callable in-process: returns (MODEL, Subject, loss plot IMAGE, FinetuneWeights)."""
     ft.check_settings(steps, learning_rate, batch_size, resolution)
-    if mode not in MODES:
-        raise ft.FinetuneError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in FINETUNE_MODES:
+        raise ft.FinetuneError(f"mode must be one of {list(FINETUNE_MODES)}, got {mode!r}")
     if mode == "lora" and lora_rank < 1:
         raise ft.FinetuneError(f"lora_rank must be at least 1 (got {lora_rank})")
     with torch.inference_mode(False), torch.enable_grad():

@@ -10,6 +10,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..blip_core import encoder_weights
+from ..blip_core.preprocess import PREPROCESSING_STYLES
 from ..blip_core.subject import Subject, weights_fingerprint
 from . import host_models, paths
 from .types import SubjectEncoderType, SubjectType
@@ -29,12 +30,12 @@ class EncoderHandle:
         self.patcher = comfy.model_patcher.ModelPatcher(self.encoder, load_device=mm.text_encoder_device(),
                                                         offload_device=mm.text_encoder_offload_device())
 
-    def encode(self, images, category, weights=None, mode="diffusers") -> torch.Tensor:
+    def encode(self, images, category, weights=None, preprocessing="diffusers") -> torch.Tensor:
         # Whole or not at all: the host's partial load leaves parameters that sit directly on a module
         # with children (query tokens, class and position embeddings) behind on the CPU.
         mm.load_models_gpu([self.patcher], force_full_load=True)
         with torch.inference_mode():
-            return self.encoder.encode(images, category, weights=weights, mode=mode).float().cpu()
+            return self.encoder.encode(images, category, weights=weights, preprocessing=preprocessing).float().cpu()
 
 
 def encoder_dtype(device) -> torch.dtype:
@@ -135,7 +136,7 @@ class SubjectEncode(io.ComfyNode):
                 io.String.Input("image_weights", default="", optional=True,
                                 tooltip="Optional weights, one per image, comma-separated (e.g. '2, 1, 1'); "
                                         "normalised to sum 1. Empty: plain mean."),
-                io.Combo.Input("preprocess", options=["diffusers", "lavis"], default="diffusers", optional=True,
+                io.Combo.Input("preprocess", options=list(PREPROCESSING_STYLES), default="diffusers", optional=True,
                                tooltip="diffusers: stretch to 224x224 as the released pipeline does (default). "
                                        "lavis: resize the short side to 224 and centre-crop, as the original code."),
             ],
@@ -163,7 +164,7 @@ class SubjectEncode(io.ComfyNode):
                         "carries almost no detail of the subject: use a photo at least 224 pixels wide",
                         images.shape[2], images.shape[1])
         weights = parse_weights(image_weights, images.shape[0])
-        embedding = subject_encoder.encode(images, category.strip(), weights=weights, mode=preprocess)
+        embedding = subject_encoder.encode(images, category.strip(), weights=weights, preprocessing=preprocess)
         meta = {"encoder": subject_encoder.name, "encoder_fingerprint": subject_encoder.fingerprint,
                 "images": images.shape[0], "preprocess": preprocess}
         return io.NodeOutput(Subject(embedding, category.strip(), meta))

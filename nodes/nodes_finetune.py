@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..blip_core import finetune as ft
 from ..blip_core import finetune_io
 from . import paths
-from .host_finetune import MODES, apply_finetune, finetune, single_value
+from .host_finetune import apply_finetune, finetune, single_value
 from .types import SubjectEncoderType, SubjectType
 
 FinetuneType = io.Custom("BLIP_FINETUNE")
@@ -58,7 +58,7 @@ class BlipFinetune(io.ComfyNode):
                                      "LoRA initialisation. Same seed and inputs: same result."),
                 io.Int.Input("resolution", default=ft.PUBLISHED_RESOLUTION, min=64, max=2048, step=64,
                              tooltip="Training image size (short side resized, then centre-cropped). Published: 512."),
-                io.Combo.Input("mode", options=MODES, default="full",
+                io.Combo.Input("mode", options=list(finetune_io.FINETUNE_MODES), default="full",
                                tooltip="full: the whole UNet is trained, as published (needs memory for an fp32 copy "
                                        "of the UNet plus AdamW state). lora: low-rank adapters (plus bias and norm "
                                        "deltas) for smaller GPUs."),

@@ -297,7 +297,7 @@ def test_input_errors(encoder):
         with pytest.raises(ValueError, match=msg):
             encoder.encode(two, "dog", weights=bad)
     with pytest.raises(ValueError, match="mode"):
-        encoder.encode(img, "dog", mode="bilinear")
+        encoder.encode(img, "dog", preprocessing="bilinear")
 
 
 @pytest.mark.slow

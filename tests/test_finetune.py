@@ -315,7 +315,7 @@ class _NoEncoder:
     def __init__(self, embedding):
         self.embedding = embedding
 
-    def encode(self, images, category, weights=None, mode="lavis"):
+    def encode(self, images, category, weights=None, preprocessing="lavis"):
         return self.embedding.clone()
 
 
