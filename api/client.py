@@ -40,18 +40,6 @@ class PromptResult:
     def images(self) -> list[dict]:
         return [img for out in self.outputs.values() for img in out.get("images", [])]
 
-    def executed_nodes(self) -> set[str]:
-        """Node ids that really ran (not served from the host's cache)."""
-        cached = set()
-        for kind, data in self.messages:
-            if kind == "execution_cached":
-                cached.update(data.get("nodes", []))
-        ran = set()
-        for kind, data in self.messages:
-            if kind == "executing" and data.get("node"):
-                ran.add(data["node"])
-        return ran - cached
-
 
 class ComfyClient:
     def __init__(self, url: str):

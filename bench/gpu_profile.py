@@ -1,7 +1,8 @@
 """Where the GPU time goes (diagnosis for bench/RESULTS.md's GPU goals); run by bench/gpu.sh --profile.
 
-gpu_bench.py found the bf16 UNet call at batch 2 about 11x the matmul floor while batch 8 was
-3.6x, and the full fine-tune step at ~28x. This asks: is the card busy, or waiting on the CPU?
+gpu_bench.py finds the bf16 UNet call at batch 2 about 11x the matmul floor while batch 8 is
+3.6x, and the full fine-tune step at 18x (28x before its AdamW stepped buckets instead of single
+tensors; bench/RESULTS.md). This asks: is the card busy, or waiting on the CPU?
   * UNet call, bf16, batch 2 and 8: wall time, the summed GPU kernel time (profiler), and the
     wall time of the same call replayed from a CUDA graph (no per-kernel launch cost);
   * fine-tune step (the node's training path, full mode, batch 3, 512 px): wall time, GPU kernel

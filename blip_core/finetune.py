@@ -392,7 +392,6 @@ def gradient_checkpointing(modules: list[torch.nn.Module], enabled: bool = True)
 @dataclass
 class FinetuneResult:
     losses: list[float]
-    steps: int
 
 
 def run(trainer: Trainer, latents_mean: torch.Tensor, latents_std: torch.Tensor | None, *, steps: int,
@@ -417,4 +416,4 @@ def run(trainer: Trainer, latents_mean: torch.Tensor, latents_std: torch.Tensor 
         losses.append(loss)
         if on_step is not None:
             on_step(i, loss)
-    return FinetuneResult(losses, steps)
+    return FinetuneResult(losses)

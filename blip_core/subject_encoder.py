@@ -7,7 +7,6 @@ mirrors the released ``qformer/`` weights, so ``state_dict()`` keys are the rele
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -42,11 +41,6 @@ class SubjectEncoderConfig:
         if d.get("qformer_config", {}).get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only absolute position embeddings are supported in the Q-Former")
         return cls(vision, qformer, int(d.get("num_query_tokens", 16)))
-
-    @classmethod
-    def from_json_file(cls, path: str) -> "SubjectEncoderConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict:
         return {"vision_config": dataclasses.asdict(self.vision),
