@@ -52,8 +52,9 @@ def _resize_diffusers(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BICUBIC)
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """torchvision ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on a PIL image (LAVIS's transform)."""
+def resize_center_crop(img: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """torchvision ``Resize(size, resample)`` + ``CenterCrop(size)`` on a PIL image (LAVIS's transforms:
+    BICUBIC for the subject and fine-tune images, BILINEAR (torchvision's default) for a photo to edit)."""
     w, h = img.size
     # torchvision Resize(int): short side -> size, long side truncated (int()), then CenterCrop
     # with round() offsets.
@@ -61,7 +62,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    img = img.resize((new_w, new_h), Image.BICUBIC)
+    img = img.resize((new_w, new_h), resample)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 

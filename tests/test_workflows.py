@@ -466,6 +466,8 @@ def edge_image(path: Path, size: int) -> Path:
 def input_image(name: str, tmp_path: Path) -> Path:
     if name == SAMPLE.name:
         return SAMPLE
+    if (WORKFLOWS / "assets" / name).exists():
+        return WORKFLOWS / "assets" / name
     if name == "canny_edges.png":
         return edge_image(tmp_path / name, SIZE)
     pytest.fail(f"no test image for input {name!r}: teach tests/test_workflows.py where it comes from")
@@ -488,6 +490,8 @@ def for_test(api: dict) -> dict:
             inputs["overwrite"] = True  # the session host may have saved it already
         if ct == "BlipFinetune":
             inputs.update(resolution=SIZE)
+        if ct == "SubjectEditPhoto":
+            inputs.update(size=SIZE)
     return g
 
 

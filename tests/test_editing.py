@@ -1,0 +1,171 @@
+"""The editing rules of blip_core.editing on small hand-made inputs (no models, no host).
+
+Expected values come from the method's definitions (LAVIS's mapper example, DDIM algebra, the
+mask's pooling and upsampling worked out by hand), not from the code under test.
+"""
+import math
+
+import pytest
+import torch
+
+from blip_diffusion.blip_core import editing
+from blip_diffusion.blip_core.schedule import alphas_cumprod
+
+BOS, EOS = 49406, 49407
+
+
+def test_texts_follow_lavis():
+    src, tgt = editing.edit_texts("dog", "teapot", "  sitting on the grass ")
+    assert src == "a dog sitting on the grass"
+    assert tgt == "a " + " ".join(["sks"] * 16) + " teapot sitting on the grass"
+
+
+def test_mapper_skips_the_placeholders_and_maps_the_rest_in_order():
+    # LAVIS's own example: "mapper[:2] = 0, 1; mapper[2:18] = -1; mapper[18:] = 2, 3, ...", then the
+    # positions after the target text map to themselves.
+    words = [320, 1929, 4919, 525, 518, 3914]           # a dog sitting on the grass
+    src = [BOS] + words + [EOS]
+    tgt = [BOS, 320] + [48136] * 16 + words[1:] + [EOS]   # a sks*16 dog sitting on the grass
+    mapper, alphas = editing.refinement_mapper(src, tgt)
+    n_src, n_tgt = len(src), len(tgt)
+    assert mapper[:2].tolist() == [0, 1]
+    assert alphas[2:18].eq(0).all() and alphas[:2].eq(1).all() and alphas[18:].eq(1).all()
+    assert mapper[18:n_tgt].tolist() == list(range(2, n_src))
+    assert mapper[n_tgt:].tolist() == list(range(n_tgt, 77))
+
+
+def test_mapper_leaves_a_new_category_word_unaligned():
+    src = [BOS, 320, 1929, 4919, EOS]                   # a dog sitting
+    tgt = [BOS, 320] + [48136] * 16 + [3368, 4919, EOS]  # a sks*16 teapot sitting
+    mapper, alphas = editing.refinement_mapper(src, tgt)
+    # A mismatch scores -1 and two gaps 0: the new word stays unaligned (the target keeps its own
+    # attention there) and everything around it is matched.
+    assert mapper[:2].tolist() == [0, 1]
+    assert alphas[18] == 0                                     # "teapot": no source column
+    assert mapper[19].item() == 3 and alphas[19] == 1         # "sitting" -> "sitting"
+    assert mapper[20].item() == 4 and alphas[20] == 1         # EOS -> EOS
+
+
+def test_too_long_prompts_are_refused():
+    with pytest.raises(editing.EditError, match="shorten"):
+        editing.refinement_mapper(list(range(10)), list(range(90)))
+
+
+def test_word_positions_count_subword_tokens():
+    text = "a dachshund sitting on a dachshund"
+    pieces = ["a", "dach", "shund", "sitting", "on", "a", "dach", "shund"]
+    assert editing.word_positions(text, "dachshund", pieces) == [2, 3, 7, 8]
+    assert editing.word_positions(text, "a", pieces) == [1, 6]
+    assert editing.word_positions(text, "cat", pieces) == []
+
+
+def test_plan_counts_calls_as_lavis_tables_do():
+    plan = editing.EditPlan(torch.arange(77), torch.ones(77), [2], calls=50)
+    assert sum(plan.cross_active(c) for c in range(50)) == int(0.8 * 51)   # 40
+    assert sum(plan.self_active(c) for c in range(50)) == int(50 * 0.4)    # 20
+    assert plan.cross_active(0) and not plan.cross_active(40) and plan.self_active(19) and not plan.self_active(20)
+
+
+def test_layers_by_resolution_pick_lavis_layers_at_512():
+    # SD1.5 at 512 px: latent 64x64; cross maps at 64^2, 32^2, 16^2 (down and up), 8^2 (mid).
+    n = 64 * 64
+    assert editing.blend_layer(16 * 16, n, in_middle=False)
+    assert not editing.blend_layer(32 * 32, n, in_middle=False)
+    assert not editing.blend_layer(8 * 8, n, in_middle=True)
+    assert editing.self_replace_layer(16 * 16, n) and editing.self_replace_layer(8 * 8, n)
+    assert not editing.self_replace_layer(32 * 32, n)
+
+
+def test_refine_cross_takes_source_columns_where_aligned():
+    p_src = torch.rand(2, 5, 77)
+    p_tgt = torch.rand(2, 5, 77)
+    mapper = torch.arange(77)
+    mapper[10] = 3
+    alphas = torch.ones(77)
+    alphas[4] = 0
+    plan = editing.EditPlan(mapper, alphas, [], calls=1)
+    out = editing.refine_cross(p_src, p_tgt, plan)
+    assert torch.equal(out[..., 10], p_src[..., 3])
+    assert torch.equal(out[..., 4], p_tgt[..., 4])
+    assert torch.equal(out[..., 20], p_src[..., 20])
+
+
+def test_blend_mask_is_the_pooled_hot_spot_upsampled():
+    # One layer, one head, a 4x4 map grid (latent 16x16): the word's attention peaks at cell (1, 2).
+    probs = torch.full((1, 16, 77), 0.01)
+    probs[0, 1 * 4 + 2, 5] = 1.0
+    state = editing.BlendState()
+    state.add(probs)
+    plan = editing.EditPlan(torch.arange(77), torch.ones(77), [5], calls=1, threshold=0.3)
+    mask = editing.blend_mask(state, plan, (16, 16))
+    # 3x3 max-pool spreads the peak to rows 0-2, cols 1-3; nearest upsampling x4 makes 12x12 pixels.
+    expected = torch.zeros(16, 16)
+    expected[0:12, 4:16] = 1
+    assert torch.equal(mask[0, 0], expected)
+
+
+def test_blend_mask_sums_over_calls():
+    state = editing.BlendState()
+    a = torch.full((1, 16, 77), 0.01)
+    a[0, 0, 5] = 1.0
+    b = torch.full((1, 16, 77), 0.01)
+    b[0, 15, 5] = 1.0
+    for p in (a, b):
+        state.start_call()
+        state.add(p)
+    plan = editing.EditPlan(torch.arange(77), torch.ones(77), [5], calls=2, threshold=0.5)
+    mask = editing.blend_mask(state, plan, (16, 16))[0, 0]
+    assert mask[0, 0] == 1 and mask[15, 15] == 1 and mask[0, 15] == 0
+
+
+def test_local_blend_keeps_source_outside_the_mask_exactly():
+    x = torch.randn(2, 4, 8, 8)
+    mask = (torch.rand(1, 1, 8, 8) > 0.5).float()
+    out = editing.local_blend(x, mask)
+    assert torch.equal(out[0], x[0])
+    inside = mask[0, 0].bool()
+    assert torch.equal(out[1][:, ~inside], x[0][:, ~inside])
+    assert torch.allclose(out[1][:, inside], x[1][:, inside], atol=1e-6)
+
+
+def test_ddim_timesteps_are_sd15s():
+    assert editing.ddim_timesteps(50)[:3] == [981, 961, 941] and editing.ddim_timesteps(50)[-1] == 1
+
+
+def test_inverse_step_undoes_the_ddim_step_for_the_same_eps():
+    ac = alphas_cumprod(dtype=torch.float64)
+    x, eps = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    a_low, a_high = float(ac[21]), float(ac[41])
+    down = editing.ddim_step(editing.inverse_ddim_step(x, eps, a_low, a_high), eps, a_high, a_low)
+    assert torch.allclose(down, x, atol=1e-10)
+    # and the inverse step is DDIM's closed form: x at a_high = sqrt(a_high) x0 + sqrt(1 - a_high) eps
+    x0 = (x - math.sqrt(1 - a_low) * eps) / math.sqrt(a_low)
+    up = editing.inverse_ddim_step(x, eps, a_low, a_high)
+    assert torch.allclose(up, math.sqrt(a_high) * x0 + math.sqrt(1 - a_high) * eps, atol=1e-10)
+
+
+def test_inversion_then_ddim_reconstructs_when_eps_depends_on_t_only():
+    ac = alphas_cumprod()
+    ts = editing.ddim_timesteps(10)
+    table = {t: torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(t)) for t in ts}
+    x = torch.randn(1, 4, 8, 8)
+    inverted = editing.invert(lambda xx, t: table[t], x, ts, ac)
+    back = editing.edit_ddim(lambda xx, t, call: table[t], inverted, ts, ac, lambda call, xx: xx)
+    assert (back - x).abs().max() < 1e-4
+    assert (inverted - x).abs().max() > 0.5   # it did move
+
+
+def test_plms_edit_loop_matches_plain_plms_when_nothing_blends():
+    from blip_diffusion.blip_core import pndm
+
+    ac = alphas_cumprod()
+    x = torch.randn(1, 4, 8, 8)
+
+    def eps(xx, t, call=None):
+        return torch.tanh(xx) * (1 + t / 1000)
+
+    calls = []
+    ours = editing.edit_plms(eps, x, 6, ac, lambda c, xx: calls.append(c) or xx)
+    plain = pndm.sample_plms(lambda xx, t: eps(xx, t), x, pndm.pndm_timesteps(6), ac)
+    assert torch.allclose(ours, plain, atol=1e-6)
+    assert calls == list(range(7))   # steps + 1 calls, as diffusers' PNDM makes them
