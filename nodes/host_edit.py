@@ -34,7 +34,7 @@ def check_model(model) -> None:
         raise editing.EditError(
             "subject editing needs the BLIP-Diffusion UNet (an SD 1.5 noise-prediction model with its 1000-step "
             f"schedule); the connected model samples as {type(sampling).__name__}: connect the MODEL from Load "
-            "BLIP-Diffusion, without sampling patches such as ModelSamplingDiscrete/SD3/Flux")
+            "BLIP-Diffusion, without sampling patches such as ModelSamplingSD3 or ModelSamplingFlux")
 
 
 def block_names(model) -> list[tuple[str, int]]:

@@ -34,10 +34,11 @@ from blip_diffusion.api.client import ExecutionFailed, PromptRejected
 from blip_diffusion.blip_core import encoder_weights
 from blip_diffusion.blip_core.subject import Subject
 from blip_diffusion.blip_core.subject_io import load_subject, save_subject
-from graphs import put_input_image, zero_shot
+from graphs import api_workflow, put_input_image, zero_shot
 from refenv import ROOT
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
+SCENE = ROOT / "workflows" / "assets" / "sample_scene.png"
 DOC = ROOT / "docs" / "bad_inputs.md"
 MODEL = "blip-diffusion-test"
 PREFIX = "bi_"  # every file and folder this module creates in the host's folders
@@ -146,6 +147,7 @@ def env(comfy_server, test_model_dir):
         "tiny": Image.new("RGB", (1, 1), (200, 60, 40)),
         "large": sample.resize((4096, 4096), Image.BICUBIC),
         "gray": sample.convert("L"),
+        "scene": Image.open(SCENE).convert("RGB"),   # 640x480: not square
         "gray_as_rgb": sample.convert("L").convert("RGB"),
     }
     # RGBA: the left half transparent, hiding pure green; alpha only 0 or 255 so compositing is exact
@@ -221,6 +223,46 @@ def render_graph(env: Env, seed=1, **positive) -> dict:
     g["save"]["inputs"]["filename_prefix"] = f"{PREFIX}render"
     g["positive"]["inputs"].update(positive)
     return g
+
+
+def edit_graph(env: Env, prompts=None, edit=None, extra=None) -> dict:
+    """The shipped edit_photo workflow, tiny (64 px, 2 + 2 steps); dicts override node inputs."""
+    g = api_workflow("edit_photo")
+    g["loader"] = copy.deepcopy(LOADER)
+    g["reference"]["inputs"]["image"] = env.images["sample"]
+    g["scene"]["inputs"]["image"] = env.images["scene"]
+    g["photo"]["inputs"]["size"] = 64
+    g["invert"]["inputs"]["steps"] = 2
+    g["edit"]["inputs"].update(steps=2, **(edit or {}))
+    g["prompts"]["inputs"].update(prompts or {})
+    g["save"]["inputs"]["filename_prefix"] = f"{PREFIX}edit"
+    g.update(extra or {})
+    return g
+
+
+def edit_with_sd3_clip(env: Env) -> dict:
+    g = edit_graph(env, extra={"sd3_clip": {"class_type": "CLIPLoader",
+                                            "inputs": {"clip_name": "blipdiff-test-clip.bin", "type": "sd3"}}})
+    g["prompts"]["inputs"]["clip"] = ["sd3_clip", 0]
+    return g
+
+
+def edit_with_flow_model(env: Env) -> dict:
+    g = edit_graph(env, extra={"flow": {"class_type": "ModelSamplingSD3",
+                                        "inputs": {"model": ["loader", 0], "shift": 3.0}}})
+    g["invert"]["inputs"]["model"] = ["flow", 0]
+    return g
+
+
+def edit_with_two_photos(env: Env) -> dict:
+    g = edit_graph(env, extra={"two": {"class_type": "RepeatImageBatch",
+                                       "inputs": {"image": ["photo", 0], "amount": 2}}})
+    g["photo_latent"]["inputs"]["pixels"] = ["two", 0]
+    return g
+
+
+def check_edit(r: "Ran"):
+    assert len(r.result.outputs["save"]["images"]) == 1
 
 
 def interpolate_graph(env: Env, four=False, **inputs) -> dict:
@@ -561,6 +603,25 @@ CASES = [
          ("file name '../escape' is not allowed",)),
     Case("ft-load-empty-name", "LoadBlipFinetune", lambda e: load_finetune_graph(e, ""), "failed",
          ("fine-tune file '' not found in models/blip_finetunes/",)),
+    # ---- Subject editing
+    Case("edit-source-blank", "SubjectEditPrompts", lambda e: edit_graph(e, prompts={"source_subject": "  "}),
+         "failed", ("source_subject is empty", "e.g. 'dog'")),
+    Case("edit-blend-word-missing", "SubjectEditPrompts", lambda e: edit_graph(e, prompts={"blend_words": "cat"}),
+         "failed", ("blend word(s) ['cat'] are not words of the source prompt 'a dog standing on the grass'",)),
+    Case("edit-prompt-too-long", "SubjectEditPrompts",
+         lambda e: edit_graph(e, prompts={"prompt": " ".join(["running"] * 60)}), "failed",
+         ("BLIP-Diffusion reads 59", "16 placeholder words count too", "shorten the prompt by")),
+    Case("edit-sdxl-like-clip", "SubjectEditPrompts", edit_with_sd3_clip, "failed",
+         ("needs an SD 1.x CLIP", "CLIPLoader with type 'stable_diffusion'")),
+    Case("edit-flow-model", "SubjectEditInvert", edit_with_flow_model, "failed",
+         ("subject editing needs the BLIP-Diffusion UNet", "ModelSamplingSD3")),
+    Case("edit-two-photos", "SubjectEditInvert", edit_with_two_photos, "failed",
+         ("takes one photo, got a batch of 2", "edit photos one at a time")),
+    Case("edit-photo-not-square", "SubjectEditPhoto", lambda e: edit_graph(e), "ok",
+         log=("the 640x480 photo is not square; its centre 480x480 is edited and 160 px of its width are cut off",),
+         check=check_edit),
+    Case("edit-empty-mask", "SubjectEdit", lambda e: edit_graph(e, edit={"blend_threshold": 1.0}), "ok",
+         log=("the blend mask is empty (threshold 1.00)", "lower blend_threshold"), check=check_edit),
 ]
 IN_PROCESS = ["encode-batch-0"]
 

@@ -9,7 +9,7 @@ library only, never a downloaded browser). ``bash scripts/setup_browser.sh`` pro
 The dropped files are the shipped workflows adjusted to the session host exactly as
 tests/test_workflows.py adjusts the API twins (generated weights, 64 px, 2 steps); its broken copies
 of the zero-shot workflow (UI_MISTAKES) are dropped too and each must be reported. The README's
-screenshot, docs/images/zero_shot_graph.png, is the shipped zero-shot workflow as users see it;
+screenshots, docs/images/{zero_shot,edit_photo}_graph.png, are those shipped workflows as users see them;
 ``BLIP_UPDATE_SCREENSHOT=1`` makes this test write it anew.
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from test_workflows import (  # noqa: F401  (object_info is a fixture)
 BROWSER_DIR = ROOT / "tests" / "browser"
 DRIVER = BROWSER_DIR / "drive.mjs"
 CHROMIUM = os.environ.get("BLIP_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOT = ROOT / "docs" / "images" / "zero_shot_graph.png"
+# The README's pictures of shipped workflows, as the frontend draws them
+SCREENSHOTS = {name: ROOT / "docs" / "images" / f"{name}_graph.png" for name in ("zero_shot", "edit_photo")}
 SCREENSHOT_SIZE = (1600, 900)
 SETUP_HINT = "run `bash scripts/setup_browser.sh` (installs Debian's chromium and playwright-core)"
 
@@ -136,14 +137,14 @@ def test_frontend_loads_queues_and_shows_every_ui_workflow(comfy_server, api, ob
         path.write_text(json.dumps(broken(json.loads((dropped / "zero_shot.json").read_text()), change)))
         mistakes.append({"name": mistake, "file": str(path), "pack_types": [], "savers": []})
 
-    shot = tmp_path / "zero_shot_graph.png"
     manifest = {
         "url": comfy_server.url,
         "chromium": CHROMIUM,
         "workflows": workflows,
         "broken": mistakes,
-        "screenshot": {"file": str(UI_DIR / "zero_shot.json"), "out": str(shot),
-                       "width": SCREENSHOT_SIZE[0], "height": SCREENSHOT_SIZE[1]},
+        "screenshots": [{"file": str(UI_DIR / f"{name}.json"), "out": str(tmp_path / shot.name), "label": name,
+                         "width": SCREENSHOT_SIZE[0], "height": SCREENSHOT_SIZE[1]}
+                        for name, shot in SCREENSHOTS.items()],
         "results": str(tmp_path / "results.json"),
         "profile": str(tmp_path / "chromium-profile"),
         "timeout_ms": 300_000,
@@ -169,16 +170,19 @@ def test_frontend_loads_queues_and_shows_every_ui_workflow(comfy_server, api, ob
     not_reported = [m["name"] for m in mistakes if not results["broken"].get(m["name"])]
     assert not not_reported, f"the page loaded these broken workflows without a complaint: {not_reported}"
 
+    for shot in SCREENSHOTS.values():
+        with Image.open(tmp_path / shot.name) as im:
+            assert im.size == SCREENSHOT_SIZE
+            assert np.asarray(im.convert("L")).std() > 5, f"the screenshot {shot.name} is blank"
+        if os.environ.get("BLIP_UPDATE_SCREENSHOT") == "1":
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / shot.name, shot)
+
+
+@pytest.mark.parametrize("name", sorted(SCREENSHOTS))
+def test_readme_screenshot_is_there(name):
+    shot = SCREENSHOTS[name]
+    assert shot.exists(), f"{shot} is missing: BLIP_UPDATE_SCREENSHOT=1 bash scripts/test.sh tests/test_frontend.py"
     with Image.open(shot) as im:
-        assert im.size == SCREENSHOT_SIZE
-        assert np.asarray(im.convert("L")).std() > 5, "the screenshot is blank"
-    if os.environ.get("BLIP_UPDATE_SCREENSHOT") == "1":
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, SCREENSHOT)
-
-
-def test_readme_screenshot_is_there():
-    assert SCREENSHOT.exists(), f"{SCREENSHOT} is missing: BLIP_UPDATE_SCREENSHOT=1 bash scripts/test.sh tests/test_frontend.py"
-    with Image.open(SCREENSHOT) as im:
         assert im.format == "PNG" and im.size == SCREENSHOT_SIZE
-    assert "docs/images/zero_shot_graph.png" in (ROOT / "README.md").read_text(), "the README does not show it"
+    assert f"docs/images/{shot.name}" in (ROOT / "README.md").read_text(), "the README does not show it"

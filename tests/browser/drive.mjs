@@ -265,7 +265,7 @@ async function closePopups(page) {
   fail(`could not close ${JSON.stringify(await page.evaluate(popupsInPage))}`);
 }
 
-// The README's screenshot: the shipped zero-shot workflow (not the test copy) as a user sees it
+// The README's screenshots: shipped workflows (not the test copies) as a user sees them
 // after dropping it and fitting the view. Three of the user's display settings make it legible:
 // full node detail at any zoom (Settings > Zoom Node Level of Detail = 0), no minimap, no fps info.
 async function screenshot(page, shot) {
@@ -276,7 +276,7 @@ async function screenshot(page, shot) {
     await settings.set('Comfy.Graph.CanvasInfo', false);
   });
   const wf = await dropFile(page, shot.file);
-  await waitForGraph(page, wf, 'zero_shot (shipped)');
+  await waitForGraph(page, wf, `${shot.label} (shipped)`);
   await fitView(page);
   // "." leaves a quarter of the view empty; zoom in so the graph fills the width beside the sidebar
   await page.evaluate(() => {
@@ -288,9 +288,9 @@ async function screenshot(page, shot) {
   });
   await page.mouse.move(shot.width - 5, shot.height / 2);  // no hover highlight
   await settle(page);
-  await assertNoPopups(page, 'the shipped zero_shot dropped');
+  await assertNoPopups(page, `the shipped ${shot.label} dropped`);
   const nodes = await page.evaluate(graphInPage);
-  checkNodes('zero_shot (shipped)', wf, nodes.map((n) => ({ ...n, widgets: [] })), []);
+  checkNodes(`${shot.label} (shipped)`, wf, nodes.map((n) => ({ ...n, widgets: [] })), []);
   await page.screenshot({ path: shot.out });
   log(`screenshot ${shot.out}`);
 }
@@ -306,7 +306,7 @@ async function main() {
   if (!settings.ok) fail(`POST /api/settings answered ${settings.status}`);
 
   fs.rmSync(manifest.profile, { recursive: true, force: true });
-  const { width, height } = manifest.screenshot;
+  const { width, height } = manifest.screenshots[0];
   const context = await chromium.launchPersistentContext(manifest.profile, {
     executablePath: manifest.chromium,
     headless: true,
@@ -333,7 +333,7 @@ async function main() {
     log(`frontend ${await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__)} up`);
     await assertNoPopups(page, 'the page as it opens');
 
-    await screenshot(page, manifest.screenshot);
+    for (const shot of manifest.screenshots) await screenshot(page, shot);
 
     for (const spec of manifest.workflows) {
       await dropAndCheck(page, spec);
