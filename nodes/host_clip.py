@@ -20,8 +20,8 @@ def sd1_tokenizer(clip):
         return tok.clip_l
     encoders = sorted(k for k in vars(tok) if k.startswith("clip_") and k != "clip_name") if tok else []
     raise ValueError(
-        "SubjectConditioning needs an SD 1.x CLIP (a single CLIP-L text encoder, 768 wide), as loaded by "
-        "Load BLIP-Diffusion or by CLIPLoader with type 'stable_diffusion'; the connected CLIP "
+        "BLIP-Diffusion subjects: this node needs an SD 1.x CLIP (a single CLIP-L text encoder, 768 wide), as "
+        "loaded by Load BLIP-Diffusion or by CLIPLoader with type 'stable_diffusion'; the connected CLIP "
         f"({type(tok).__name__}, encoders {encoders}) cannot take BLIP-Diffusion subjects (SD2, SDXL, SD3 and "
         "Flux CLIPs are not supported).")
 

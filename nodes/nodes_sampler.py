@@ -62,7 +62,7 @@ class BlipPNDMSampler(io.ComfyNode):
         return io.Schema(
             node_id="BlipPNDMSampler",
             display_name="BLIP-Diffusion PNDM Sampler",
-            category="BLIP-Diffusion/sampling",
+            category="blip_diffusion/sampling",
             description="The sampler BLIP-Diffusion was published with: diffusers' PNDMScheduler in PLMS "
                         "mode (skip_prk_steps, set_alpha_to_one=False). Pair it with BLIP-Diffusion PNDM "
                         "Scheduler in SamplerCustom to reproduce diffusers' pipeline.",
@@ -88,7 +88,7 @@ class BlipPNDMScheduler(io.ComfyNode):
         return io.Schema(
             node_id="BlipPNDMScheduler",
             display_name="BLIP-Diffusion PNDM Scheduler",
-            category="BLIP-Diffusion/sampling",
+            category="blip_diffusion/sampling",
             description="The published timesteps (diffusers' \"leading\" spacing: 25 steps give 960, 920, ..., 0) "
                         "as the model's exact sigmas, then 0 for the final step. Feed BLIP-Diffusion PNDM Sampler.",
             inputs=[
