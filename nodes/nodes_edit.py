@@ -194,6 +194,9 @@ class SubjectEdit(io.ComfyNode):
         if samples.shape[0] != 1:
             _fail(f"Subject Edit takes one latent, got a batch of {samples.shape[0]}")
         from_photo = INVERTED_KEY in latent
+        if not from_photo and samples.abs().max() > 0:
+            log.warning("Subject Edit: the latent does not come from Subject Edit Invert, so a scene of its size is "
+                        "generated from the seed and its content is not used; to edit a photo, invert it first")
         if from_photo and latent[INVERTED_KEY] != steps:
             log.warning("Subject Edit: the photo was inverted in %d steps and is edited in %d; the published "
                         "edit uses the same count", latent[INVERTED_KEY], steps)
