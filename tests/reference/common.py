@@ -31,6 +31,19 @@ def io():
     return args, tensors, save
 
 
+def resize_center_crop(img, size, resample):
+    """torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on a PIL image, written out (torchvision is not
+    in this environment): the short side to ``size``, the long one to int(size * long / short) (an image
+    already that size is left alone), then a crop at int(round((dim - size) / 2))."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_w, new_h = (size, int(size * long / short)) if w <= h else (int(size * long / short), size)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
 def bert_tokenizer_dir():
     """A folder BertTokenizer.from_pretrained can read offline: the pack's shipped vocabulary."""
     import atexit

@@ -39,7 +39,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from common import build_pipeline, io, run_cases
+from common import build_pipeline, io, resize_center_crop, run_cases
 
 args, tensors, save = io()
 
@@ -344,14 +344,7 @@ def inversion_transform(image, size):
     the reference environment, so its PIL path is written out (torchvision.transforms.functional):
     resize: shorter edge -> size, longer -> int(size * long / short), PIL bilinear (untouched if already
     that size); center_crop: top/left = int(round((dim - size) / 2.0)); to_tensor: uint8 HWC -> CHW / 255."""
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_h, new_w) != (h, w):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
+    image = resize_center_crop(image, size, Image.BILINEAR)
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous().float().div(255)
     return 2.0 * x.unsqueeze(0) - 1.0
 

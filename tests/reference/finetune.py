@@ -20,7 +20,7 @@ import os
 import resource
 import time
 
-from common import io
+from common import io, resize_center_crop
 
 args, tensors, save = io()
 
@@ -36,15 +36,7 @@ out = {}
 def lavis_target(path, size):
     """torchvision Resize(size, BICUBIC) + CenterCrop(size) + ToTensor + Normalize(0.5, 0.5) on a PIL image."""
     img = Image.open(path).convert("RGB")
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BICUBIC)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+    img = resize_center_crop(img, size, Image.BICUBIC)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
     return ((x - 0.5) / 0.5)[None]
 
