@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .prompting import CONTEXT_LENGTH, SUBJECT_TOKENS
+from .schedule import leading_timesteps
 
 PLACEHOLDER = "sks"   # LAVIS writes one placeholder word per subject vector into the target text
 BLEND_POOL = 3        # LocalBlend's max-pool window (k = 1)
@@ -231,10 +232,10 @@ def local_blend(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # -- DDIM ---------------------------------------------------------------------------------------
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, offset: int = 1) -> list[int]:
     """The SD1.5 DDIMScheduler's timesteps ("leading", steps_offset 1; 50 steps: 981, ..., 1)."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise EditError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
-    ratio = num_train_timesteps // steps
-    return [i * ratio + offset for i in reversed(range(steps))]
+    try:
+        return [t + offset for t in leading_timesteps(steps, num_train_timesteps)]
+    except ValueError as err:
+        raise EditError(str(err)) from None
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float) -> torch.Tensor:
@@ -294,7 +295,7 @@ def edit_plms(eps_fn: Callable[[torch.Tensor, int, int], torch.Tensor], x: torch
     ``generate_then_edit``: steps + 1 UNet calls (the warm-up probe, then the restart from the
     stored sample, ..., a last call at t=0 whose step is the identity), ``after_call`` after each,
     the probe included, as LAVIS blends after every scheduler call."""
-    from .pndm import plms_step, pndm_timesteps
+    from .pndm import _combine, plms_step, pndm_timesteps
 
     ts = pndm_timesteps(steps, len(alphas_cumprod))
     ratio = len(alphas_cumprod) // steps
@@ -314,14 +315,7 @@ def edit_plms(eps_fn: Callable[[torch.Tensor, int, int], torch.Tensor], x: torch
             x = plms_step(start, (eps + history[-1]) / 2, alpha(t + ratio), alpha(t))
         else:
             history = (history + [eps])[-4:]
-            weights = _AB[len(history) - 1]
-            combined = weights[0] * history[-1]
-            for w_, e in zip(weights[1:], reversed(history[:-1])):
-                combined = combined + w_ * e
-            x = plms_step(x, combined, alpha(t), alpha(t - ratio))
+            x = plms_step(x, _combine(history), alpha(t), alpha(t - ratio))
         x = after_call(call, x)
     return x
 
-
-# diffusers' PLMS combinations by history length (newest first); length 1 only after the warm-up
-_AB = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
