@@ -8,6 +8,7 @@ cd "$root"
 bash scripts/setup_host.sh
 bash scripts/setup_reference.sh
 bash scripts/setup_browser.sh   # Debian's Chromium + playwright-core, for the frontend test
+bash scripts/setup_comfy_cli.sh  # comfy-cli from PyPI, for the registry packaging test
 HF_HUB_OFFLINE=1 .cache/ref-venv/bin/python scripts/make_weights.py --size test >/dev/null
 py="${COMFYUI_PYTHON:-$root/.cache/host-venv/bin/python}"
 exec "$py" -m pytest "$@"
