@@ -4,7 +4,7 @@ The ComfyUI frontend opens two kinds of JSON: the API format (``{id: {class_type
 what scripts POST to /prompt) and its own saved "workflow" format (a LiteGraph graph: nodes
 with positions, sockets, ``widgets_values`` and a ``links`` table). Only the second can be
 dragged onto the canvas as an editable graph, so each shipped API workflow gets a UI twin in
-workflows/ui/<name>.json.
+example_workflows/<name>.json.
 
 How inputs map to widgets is taken from a live host's /object_info, following what the
 frontend (1.32) does when it builds a node and saves it:
@@ -43,7 +43,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 API_DIR = ROOT / "workflows" / "api"
-UI_DIR = ROOT / "workflows" / "ui"
+UI_DIR = ROOT / "example_workflows"
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = ("seed", "noise_seed")

@@ -57,7 +57,9 @@ def stylisation(model_name, image, edges, category, prompt, seed, steps, size, c
     """The shipped workflow with this run's inputs; controlnet=False bypasses the ControlNet."""
     g = shipped("controlnet_stylisation", model_name, image, category, prompt, seed, steps, size)
     g["controlnet_loader"]["inputs"]["model_name"] = model_name
-    g["edges"]["inputs"]["image"] = edges
+    # The reference takes a finished edge map: the graph's in-graph Canny gives way to that PNG.
+    del g["edge_source"]
+    g["edges"] = {"class_type": "LoadImage", "inputs": {"image": edges}}
     if not controlnet:
         g["sample"]["inputs"].update(positive=["positive", 0], negative=["negative", 0])
         for node in ("controlnet_loader", "edges", "apply_controlnet"):

@@ -56,7 +56,7 @@ def test_workflows_saved_before_the_category_move_still_load(pack_nodes):
     old = subprocess.run(["git", "-C", str(root), "show", "b8e383b:workflows/ui/zero_shot.json"],
                          capture_output=True, text=True)
     if old.returncode != 0:  # a shallow clone without that commit: the shipped file is the same graph
-        old_types = {n["type"] for n in json.loads((root / "workflows/ui/zero_shot.json").read_text())["nodes"]}
+        old_types = {n["type"] for n in json.loads((root / "example_workflows/zero_shot.json").read_text())["nodes"]}
     else:
         old_types = {n["type"] for n in json.loads(old.stdout)["nodes"]}
     ours = {t for t in old_types if t.startswith(("Blip", "Subject"))}

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graphs import ROOT, put_input_image
+from graphs import ROOT
 from test_workflows import (  # noqa: F401  (object_info is a fixture)
     SIZE, UI_DIR, UI_MISTAKES, UI_NAMES, broken, for_test, frontend_widgets, input_image, load, make_saved_subjects,
     object_info, pack_nodes,
@@ -115,9 +115,8 @@ def test_frontend_loads_queues_and_shows_every_ui_workflow(comfy_server, api, ob
         make_saved_subjects(comfy_server, api, graph, tmp_path)  # LoadSubject's file, before the page lists it
         wf = ui_for_test(load("ui", name), object_info)
         for node in wf["nodes"]:
-            if node["type"] == "LoadImage":  # the page lists the input folder when it opens
-                put_input_image(comfy_server, input_image(node["widgets_values"][0], tmp_path),
-                                node["widgets_values"][0])
+            if node["type"] == "LoadImage":  # the page lists the input folder: the pack filled it
+                input_image(comfy_server, node["widgets_values"][0])
         (dropped / f"{name}.json").write_text(json.dumps(wf, indent=1))
         types = {n["id"]: n["type"] for n in wf["nodes"]}
         workflows.append({

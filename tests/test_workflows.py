@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from graphs import WORKFLOWS, put_input_image
+from graphs import ROOT, WORKFLOWS
 
-API_DIR, UI_DIR = WORKFLOWS / "api", WORKFLOWS / "ui"
+API_DIR, UI_DIR = WORKFLOWS / "api", ROOT / "example_workflows"
 API_NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
 UI_NAMES = sorted(p.stem for p in UI_DIR.glob("*.json"))
 SAMPLE = WORKFLOWS / "assets" / "sample_subject.png"
@@ -157,6 +157,43 @@ def load(kind: str, name: str) -> dict:
 
 
 # -- the files themselves ---------------------------------------------------------------------------
+# What a shipped workflow may name (the UI twins equal the API files, see test_ui_twin_...):
+# photos the pack puts into input/, the released folders' names as the README tells users to put them,
+# and files another shipped workflow saves.
+RELEASED_FOLDERS = {"blipdiffusion", "blipdiffusion-controlnet"}
+FILE_INPUTS = {("LoadImage", "image"): "photo", ("BlipDiffusionLoader", "model_name"): "folder",
+               ("BlipControlNetLoader", "model_name"): "folder", ("BlipSubjectEncoderLoader", "encoder_name"): "folder",
+               ("LoadSubject", "subject_name"): "saved", ("LoadBlipFinetune", "finetune_name"): "saved",
+               ("UNETLoader", "unet_name"): "host", ("CLIPLoader", "clip_name"): "host",
+               ("VAELoader", "vae_name"): "host"}
+
+
+def test_every_file_a_shipped_workflow_names_is_one_the_pack_provides():
+    readme = (ROOT / "README.md").read_text()
+    saved = {f"{n['inputs']['name']}.safetensors" for name in API_NAMES for n in load("api", name).values()
+             if n["class_type"] in ("SaveSubject", "SaveBlipFinetune")}
+    problems = []
+    for name in API_NAMES:
+        for key, node in load("api", name).items():
+            for (ct, field), kind in FILE_INPUTS.items():
+                if node["class_type"] != ct:
+                    continue
+                value = node["inputs"][field]
+                where = f"{name}.{key}.{field} = {value!r}"
+                if kind == "photo" and value not in pack_samples():
+                    problems.append(f"{where}: not a photo the pack provides ({sorted(pack_samples())})")
+                elif kind == "folder" and value not in RELEASED_FOLDERS:
+                    problems.append(f"{where}: not a released folder name ({sorted(RELEASED_FOLDERS)})")
+                elif kind == "saved" and value not in saved:
+                    problems.append(f"{where}: no shipped workflow saves it")
+                elif kind in ("folder", "host") and value not in readme:
+                    problems.append(f"{where}: the README does not tell users where this comes from")
+    assert not problems, "\n".join(problems)
+    used = {n["inputs"]["image"] for name in API_NAMES for n in load("api", name).values()
+            if n["class_type"] == "LoadImage"}
+    assert used == pack_samples(), f"photos shipped but named by no workflow: {pack_samples() - used}"
+
+
 def test_there_are_workflows_and_each_api_workflow_has_a_ui_twin():
     assert "zero_shot" in API_NAMES
     assert API_NAMES == UI_NAMES, (f"API without UI twin: {sorted(set(API_NAMES) - set(UI_NAMES))}; "
@@ -354,7 +391,7 @@ def match_graphs(api: dict, ui: dict) -> dict | None:
 @pytest.mark.parametrize("name", API_NAMES)
 def test_ui_twin_describes_the_same_graph_as_the_api_workflow(name, object_info):
     if name not in UI_NAMES:
-        pytest.fail(f"workflows/ui/{name}.json is missing: run scripts/make_ui_workflows.py")
+        pytest.fail(f"example_workflows/{name}.json is missing: run scripts/make_ui_workflows.py")
     api = api_normalised(load("api", name), object_info)
     ui = ui_as_api(load("ui", name), object_info)
     mapping = match_graphs(api, ui)
@@ -453,24 +490,17 @@ def test_every_pack_node_appears_in_a_shipped_workflow(object_info):
 
 
 # -- each API workflow runs ---------------------------------------------------------------------------
-def edge_image(path: Path, size: int) -> Path:
-    """A canny-like edge map (white one-pixel outlines on black) at the output size."""
-    im = Image.new("RGB", (size, size), (0, 0, 0))
-    d = ImageDraw.Draw(im)
-    d.ellipse([size * 0.2, size * 0.25, size * 0.8, size * 0.85], outline=(255, 255, 255), width=1)
-    d.rectangle([size * 0.3, size * 0.1, size * 0.7, size * 0.35], outline=(255, 255, 255), width=1)
-    im.save(path)
-    return path
+def pack_samples() -> set[str]:
+    """The photos the pack puts into the host's input folder when it loads (nodes/samples.py)."""
+    return {p.name for p in (WORKFLOWS / "assets").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")}
 
 
-def input_image(name: str, tmp_path: Path) -> Path:
-    if name == SAMPLE.name:
-        return SAMPLE
-    if (WORKFLOWS / "assets" / name).exists():
-        return WORKFLOWS / "assets" / name
-    if name == "canny_edges.png":
-        return edge_image(tmp_path / name, SIZE)
-    pytest.fail(f"no test image for input {name!r}: teach tests/test_workflows.py where it comes from")
+def input_image(server, name: str) -> Path:
+    """The shipped workflow's photo as the pack left it in the host's input folder: no test puts it there."""
+    assert name in pack_samples(), f"a shipped workflow names {name!r}, which the pack does not provide"
+    placed = server.base_dir / "input" / name
+    assert placed.is_file(), f"the pack did not put {name} into the host's input folder"
+    return placed
 
 
 def for_test(api: dict) -> dict:
@@ -502,7 +532,7 @@ def subject_folder(server) -> Path:
 def run_to_images(server, api, graph, tmp_path) -> dict:
     for node in graph.values():
         if node["class_type"] == "LoadImage":
-            put_input_image(server, input_image(node["inputs"]["image"], tmp_path), node["inputs"]["image"])
+            input_image(server, node["inputs"]["image"])
     return api.run(graph, timeout=900)
 
 
