@@ -393,6 +393,42 @@ def apply_finetune(model, unet_sd: dict, strength: float = 1.0):
     return new_model
 
 
+def apply_unet_weights(model, diffusers_sd: dict, subject_width: int | None = None):
+    """The base MODEL with UNet tensors given under their diffusers names put in place of its own.
+
+    The names become the host's through its own key map for this MODEL's UNet; the tensors
+    become ``set`` patches (``<module>.set_weight`` in the LoRA key layout) applied by the same
+    LoRA loader as ``apply_finetune``: the input MODEL is not changed and no weight is copied
+    until the host loads the model. Returns (MODEL, tensors replaced, tensors of the UNet).
+    """
+    unet_config = model.model.model_config.unet_config
+    if "num_res_blocks" not in unet_config:
+        raise ValueError("this MODEL is not an SD 1.x-style UNet: connect the MODEL of Load BLIP-Diffusion (the base "
+                         "model the checkpoint was fine-tuned from)")
+    width = unet_config.get("context_dim")
+    if subject_width is not None and width is not None and subject_width != width:
+        raise ValueError(f"the checkpoint's subject is {subject_width} wide but this MODEL's UNet reads {width}-wide "
+                         "text: connect the BLIP-Diffusion model the checkpoint was fine-tuned from")
+    names = comfy.utils.unet_to_diffusers(unet_config)
+    own = {k: v for k, v in model.model_state_dict().items() if k.startswith("diffusion_model.")}
+    patches, unknown, wrong = {}, [], []
+    for key, value in diffusers_sd.items():
+        host = "diffusion_model." + names[key] if key in names else None
+        if host not in own:
+            unknown.append(key)
+        elif tuple(value.shape) != tuple(own[host].shape):
+            wrong.append(f"{key} is {tuple(value.shape)}, this MODEL's {tuple(own[host].shape)}")
+        else:
+            patches[(host[:-len(".weight")] if host.endswith(".weight") else host) + ".set_weight"] = value
+    if unknown or wrong:
+        counts = [f"{n} {what}" for n, what in ((len(wrong), "of another shape"), (len(unknown), "with no place in it"))
+                  if n]
+        shown = sorted(wrong)[:3] + sorted(unknown)[:max(0, 3 - len(wrong))]
+        raise ValueError(f"the checkpoint's UNet does not fit this MODEL: tensors {' and '.join(counts)} "
+                         f"({'; '.join(shown)}). Connect the base model the checkpoint was fine-tuned from")
+    return (apply_finetune(model, patches) if patches else model.clone()), len(patches), len(own)
+
+
 # -- inputs ------------------------------------------------------------------------------------
 def host_vae_moments(vae, pixels: torch.Tensor, sample: bool = True):
     """VAE posterior (mean, std) of (N, H, W, 3) pixels in [0, 1], in the VAE's own latent scale.

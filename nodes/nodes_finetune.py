@@ -1,19 +1,24 @@
-"""BlipFinetune, SaveBlipFinetune, LoadBlipFinetune: the published subject fine-tune as nodes.
+"""BlipFinetune, SaveBlipFinetune, LoadBlipFinetune: the published subject fine-tune as nodes;
+LoadLavisFinetune: a fine-tune made with LAVIS (its checkpoint_N.pth).
 
 The recipe lives in ``blip_core/finetune.py``; training inside the host (inference mode,
-weight wrappers on a clone, model management, progress, cancel) in ``host_finetune.py``.
+weight wrappers on a clone, model management, progress, cancel) in ``host_finetune.py``;
+LAVIS's checkpoint layout in ``blip_core/lavis_checkpoint.py``.
 """
+import logging
 import os
 
 import folder_paths
 from comfy_api.latest import io
 
 from ..blip_core import finetune as ft
-from ..blip_core import finetune_io
-from . import paths
-from .host_finetune import apply_finetune, finetune, single_value
+from ..blip_core import finetune_io, lavis_checkpoint
+from ..blip_core.subject import Subject
+from . import host_models, paths
+from .host_finetune import apply_finetune, apply_unet_weights, finetune, single_value
 from .types import SubjectEncoderType, SubjectType
 
+log = logging.getLogger("blip_diffusion")
 FinetuneType = io.Custom("BLIP_FINETUNE")
 STEPS_TOOLTIP = ("Optimisation steps. The paper fine-tuned each DreamBench subject for 20 to 120 steps (the "
                  "per-subject table, table 1 of its appendix; mean 76, about 40 s on one A100). Few photos or a "
@@ -140,8 +145,8 @@ class LoadBlipFinetune(io.ComfyNode):
                          "node's output."),
             inputs=[
                 io.Model.Input("model", tooltip="The base UNet the fine-tune was trained from."),
-                io.Combo.Input("finetune_name", options=folder_paths.get_filename_list(paths.FINETUNE_FOLDER),
-                               tooltip="A file in models/blip_finetunes/."),
+                io.Combo.Input("finetune_name", options=paths.finetune_files(),
+                               tooltip="A .safetensors file in models/blip_finetunes/."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Scales the UNet change; 1.0 is the fine-tune as trained."),
             ],
@@ -158,4 +163,55 @@ class LoadBlipFinetune(io.ComfyNode):
         return io.NodeOutput(apply_finetune(model, unet_sd, strength), subject)
 
 
-NODES = [BlipFinetune, SaveBlipFinetune, LoadBlipFinetune]
+class LoadLavisFinetune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadLavisFinetune",
+            display_name="Load LAVIS Fine-tune",
+            category="blip_diffusion",
+            description=("Loads a fine-tune made with LAVIS (the checkpoint_N.pth its BLIP-Diffusion fine-tuning "
+                         "writes) onto the base MODEL: the checkpoint's UNet weights take the place of the base's "
+                         "(a checkpoint with only part of the UNet replaces that part) and its fine-tuned subject "
+                         "(ctx_embeddings_cache) becomes a SUBJECT. Read with torch.load(weights_only=True) only: "
+                         "a file that needs other Python objects is refused. The input MODEL is not changed."),
+            inputs=[
+                io.Model.Input("model", tooltip="The base UNet the checkpoint was fine-tuned from (Load "
+                                                "BLIP-Diffusion's MODEL). Not modified."),
+                io.Combo.Input("checkpoint_name", options=paths.finetune_files(lavis=True),
+                               tooltip="A LAVIS checkpoint (.pth or .pt) in models/blip_finetunes/, e.g. "
+                                       "checkpoint_40.pth from the fine-tuning run's output folder."),
+                io.String.Input("category", default="",
+                                tooltip="What the subject is ('dog'); used by Subject Conditioning as the "
+                                        "category word. Empty: the subject_text of the run's config, saved in "
+                                        "the checkpoint."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The base MODEL with the checkpoint's UNet weights."),
+                SubjectType.Output(tooltip="The fine-tuned subject, for Subject Conditioning with this MODEL."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, checkpoint_name, category) -> io.NodeOutput:
+        path = paths.saved_file_path(paths.FINETUNE_FOLDER, checkpoint_name, "LAVIS checkpoint",
+                                     ": copy the checkpoint_N.pth from LAVIS's output folder there")
+        host_models.check_weights_file(path, "LAVIS checkpoint")
+        ft = lavis_checkpoint.read_checkpoint(path)
+        category = (category or "").strip() or ft.category
+        if not category:
+            raise ValueError(f"{checkpoint_name} does not name its subject's category (no subject_text in the run's "
+                             "config): type it in category, e.g. 'dog'")
+        new_model, replaced, total = apply_unet_weights(model, ft.unet, subject_width=ft.subject.shape[-1])
+        log.info("LoadLavisFinetune: %s replaced %d of the %d UNet tensors%s", checkpoint_name, replaced, total,
+                 "" if replaced == total else " (a partial checkpoint: the others keep the base model's weights)")
+        if ft.not_applied:
+            log.warning("LoadLavisFinetune: %s also holds %d tensors of other parts that this node does not apply "
+                        "(%s): renders use the connected text encoder and VAE", checkpoint_name,
+                        len(ft.not_applied), lavis_checkpoint.few_keys(ft.not_applied))
+        meta = {"source": "lavis", "file": checkpoint_name, "step": ft.step, "unet_tensors": replaced,
+                "finetuned": True}
+        return io.NodeOutput(new_model, Subject(ft.subject, category, meta))
+
+
+NODES = [BlipFinetune, SaveBlipFinetune, LoadBlipFinetune, LoadLavisFinetune]

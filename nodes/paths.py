@@ -8,18 +8,25 @@ BLIP_FOLDER = "blip_diffusion"
 SUBJECT_FOLDER = "blip_subjects"
 FINETUNE_FOLDER = "blip_finetunes"
 WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
+LAVIS_CHECKPOINT_EXTENSIONS = (".pth", ".pt")  # LAVIS's runner writes checkpoint_N.pth
 
 
 def register_model_folders() -> None:
     """Add models/blip_diffusion, blip_subjects and blip_finetunes (idempotent; keeps extra_model_paths.yaml
-    entries)."""
+    entries). blip_finetunes holds the pack's fine-tune files and LAVIS's checkpoints."""
     for name, exts in ((BLIP_FOLDER, WEIGHT_EXTENSIONS), (SUBJECT_FOLDER, {".safetensors"}),
-                       (FINETUNE_FOLDER, {".safetensors"})):
+                       (FINETUNE_FOLDER, {".safetensors", *LAVIS_CHECKPOINT_EXTENSIONS})):
         default = os.path.join(folder_paths.models_dir, name)
         folder_paths.add_model_folder_path(name, default, is_default=True)
         folders, known = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (folders, set(known) | exts)
         os.makedirs(default, exist_ok=True)
+
+
+def finetune_files(lavis: bool = False) -> list[str]:
+    """The files in models/blip_finetunes/: the pack's own (.safetensors) or LAVIS checkpoints (.pth, .pt)."""
+    exts = LAVIS_CHECKPOINT_EXTENSIONS if lavis else (".safetensors",)
+    return [f for f in folder_paths.get_filename_list(FINETUNE_FOLDER) if f.lower().endswith(exts)]
 
 
 def list_model_folders() -> list[str]:
