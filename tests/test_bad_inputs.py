@@ -13,6 +13,7 @@ file cut in half); they are removed at the end of the module.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import random
@@ -137,6 +138,19 @@ def env(comfy_server, test_model_dir):
     made(subjects / "bi_corrupt_subject.safetensors").write_bytes(_random_bytes(50000, 5))
     _half_of(subjects / "bi_subject_a.safetensors", made(subjects / "bi_truncated_subject.safetensors"))
     save_file({"weight": torch.zeros(4, 4)}, str(made(subjects / "bi_not_a_subject.safetensors")))
+
+    # LAVIS checkpoints for Load LAVIS Fine-tune: a VAE's weights, a pickle with a Python object, wrong shapes
+    finetunes = base / "models" / "blip_finetunes"
+    finetunes.mkdir(parents=True, exist_ok=True)
+    made(finetunes / "bi_vae_as_lavis.pth").symlink_to(vae_bin)
+    subject = torch.randn(1, 16, 768, generator=gen)
+    torch.save({"model": {"ctx_embeddings_cache": subject}, "args": argparse.Namespace(lr=5e-6)},
+               made(finetunes / "bi_lavis_pickle.pth"))
+    torch.save({"unet.conv_in.weight": torch.zeros(320, 9, 3, 3), "ctx_embeddings_cache": subject},
+               made(finetunes / "bi_lavis_unet_shape.pth"))
+    torch.save({"ctx_embeddings_cache": torch.zeros(1, 16, 1024)}, made(finetunes / "bi_lavis_subject_shape.pth"))
+    torch.save({"model": {"unet.conv_in.bias": torch.zeros(320)}}, made(finetunes / "bi_lavis_no_subject.pth"))
+    torch.save({"ctx_embeddings_cache": subject}, made(finetunes / "bi_lavis_subject_only.pth"))
 
     # images
     e = Env(base)
@@ -319,6 +333,14 @@ def load_finetune_graph(env: Env, name: str) -> dict:
             "load_ft": {"class_type": "LoadBlipFinetune", "inputs": {"model": ["loader", 0], "finetune_name": name,
                                                                      "strength": 1.0}},
             "save": {"class_type": "SaveSubject", "inputs": {"subject": ["load_ft", 1], "name": f"{PREFIX}ftcopy",
+                                                             "overwrite": True}}}
+
+
+def lavis_graph(env: Env, name: str, category: str = "teapot") -> dict:
+    return {"loader": copy.deepcopy(LOADER),
+            "lavis": {"class_type": "LoadLavisFinetune", "inputs": {"model": ["loader", 0], "checkpoint_name": name,
+                                                                    "category": category}},
+            "save": {"class_type": "SaveSubject", "inputs": {"subject": ["lavis", 1], "name": f"{PREFIX}lavis",
                                                              "overwrite": True}}}
 
 
@@ -603,6 +625,25 @@ CASES = [
          ("file name '../escape' is not allowed",)),
     Case("ft-load-empty-name", "LoadBlipFinetune", lambda e: load_finetune_graph(e, ""), "failed",
          ("fine-tune file '' not found in models/blip_finetunes/",)),
+    # ---- Load LAVIS Fine-tune
+    Case("lavis-empty-name", "LoadLavisFinetune", lambda e: lavis_graph(e, ""), "failed",
+         ("LAVIS checkpoint file '' not found in models/blip_finetunes/", "copy the checkpoint_N.pth")),
+    Case("lavis-not-lavis", "LoadLavisFinetune", lambda e: lavis_graph(e, "bi_vae_as_lavis.pth"), "failed",
+         ("bi_vae_as_lavis.pth is not a LAVIS BLIP-Diffusion checkpoint", "no 'unet.*' tensors",
+          "Choose the checkpoint_N.pth")),
+    Case("lavis-pickled-object", "LoadLavisFinetune", lambda e: lavis_graph(e, "bi_lavis_pickle.pth"), "failed",
+         ("holds Python objects (argparse.Namespace)", "would run code from the file",
+          "torch.load(weights_only=True), which refuses that")),
+    Case("lavis-unet-shape", "LoadLavisFinetune", lambda e: lavis_graph(e, "bi_lavis_unet_shape.pth"), "failed",
+         ("the checkpoint's UNet does not fit this MODEL",
+          "tensors 1 of another shape (conv_in.weight is (320, 9, 3, 3), this MODEL's (320, 4, 3, 3))",
+          "Connect the base model the checkpoint was fine-tuned from")),
+    Case("lavis-subject-shape", "LoadLavisFinetune", lambda e: lavis_graph(e, "bi_lavis_subject_shape.pth"),
+         "failed", ("the checkpoint's subject is 1024 wide but this MODEL's UNet reads 768-wide text",)),
+    Case("lavis-no-subject", "LoadLavisFinetune", lambda e: lavis_graph(e, "bi_lavis_no_subject.pth"), "failed",
+         ("has UNet weights but no 'ctx_embeddings_cache'", "Choose the checkpoint_N.pth of the fine-tuning run")),
+    Case("lavis-no-category", "LoadLavisFinetune", lambda e: lavis_graph(e, "bi_lavis_subject_only.pth", ""),
+         "failed", ("does not name its subject's category", "type it in category, e.g. 'dog'")),
     # ---- Subject editing
     Case("edit-source-blank", "SubjectEditPrompts", lambda e: edit_graph(e, prompts={"source_subject": "  "}),
          "failed", ("source_subject is empty", "e.g. 'dog'")),
