@@ -69,7 +69,21 @@ def host_unet_file(test_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(test_model_dir, host_unet_file, tmp_path_factory, request):
+def controlnet_files(test_model_dir) -> dict[str, Path]:
+    """models/controlnet/: the generated depth ControlNet in the single-file layout (tests/controlnets.py),
+    under its own name and under every name a shipped workflow's ControlNetLoader uses."""
+    comfy_on_path()
+    import json
+    from controlnets import DEPTH_FILE, depth_controlnet_file
+
+    path = depth_controlnet_file(test_model_dir / "controlnet", test_model_dir.parent / "controlnet-test")
+    shipped = {n["inputs"]["control_net_name"] for wf in (ROOT / "workflows" / "api").glob("*.json")
+               for n in json.loads(wf.read_text()).values() if n["class_type"] == "ControlNetLoader"}
+    return {name: path for name in sorted({DEPTH_FILE, *shipped})}
+
+
+@pytest.fixture(scope="session")
+def comfy_server(test_model_dir, host_unet_file, controlnet_files, tmp_path_factory, request):
     """One warm host for the session, fp32 everywhere so numbers compare to the reference."""
     from blip_diffusion.api.server import ComfyServer, make_base_dir
 
@@ -78,6 +92,7 @@ def comfy_server(test_model_dir, host_unet_file, tmp_path_factory, request):
         "diffusion_models": {"blipdiff-test-unet.safetensors": host_unet_file},
         "text_encoders": {"blipdiff-test-clip.bin": test_model_dir / "text_encoder" / "pytorch_model.bin"},
         "vae": {"blipdiff-test-vae.bin": test_model_dir / "vae" / "diffusion_pytorch_model.bin"},
+        "controlnet": controlnet_files,
     })
     server = ComfyServer(base, ["--fp32-text-enc", "--fp32-unet", "--fp32-vae"])
     server.start()

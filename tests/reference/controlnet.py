@@ -1,9 +1,11 @@
-"""Reference: diffusers' BlipDiffusionControlNetPipeline (canny stylisation) on a released-layout folder.
+"""Reference: diffusers' BlipDiffusionControlNetPipeline (stylisation along a canny, depth or HED map).
 
-The pipeline is built from the same components as common.build_pipeline plus the folder's
-controlnet/ (a ControlNetModel; model_index.json does not list it, as released).
+The pipeline is built from the same components as common.build_pipeline plus a ControlNetModel:
+the folder's controlnet/ (model_index.json does not list it, as released), or any SD1.5
+ControlNet folder given as "controlnet" (LAVIS's depth and HED configurations swap in another one).
 
-args: model_dir, "cases": a list of cases with image (subject photo path), edges (the
+args: model_dir, controlnet (optional: a diffusers ControlNetModel folder, default
+      model_dir/controlnet), "cases": a list of cases with image (subject photo path), edges (the
       conditioning image path), prompt, source_category, target_category, seed, steps,
       height, width, guidance, neg_prompt, prompt_strength, prompt_reps.
 outputs per case i: image_i (B,3,H,W in 0..1), final_latents_i (the latents handed to the
@@ -24,9 +26,10 @@ from diffusers.pipelines.controlnet.pipeline_controlnet_blip_diffusion import ( 
 )
 
 base = build_pipeline(args["model_dir"])
+controlnet_dir = args.get("controlnet") or os.path.join(args["model_dir"], "controlnet")
 pipe = BlipDiffusionControlNetPipeline(
     **base.components,
-    controlnet=ControlNetModel.from_pretrained(os.path.join(args["model_dir"], "controlnet")).eval(),
+    controlnet=ControlNetModel.from_pretrained(controlnet_dir).eval(),
     ctx_begin_pos=base.config.ctx_begin_pos, mean=base.config.mean, std=base.config.std,
 )
 pipe.set_progress_bar_config(disable=True)
