@@ -165,7 +165,7 @@ FILE_INPUTS = {("LoadImage", "image"): "photo", ("BlipDiffusionLoader", "model_n
                ("BlipControlNetLoader", "model_name"): "folder", ("BlipSubjectEncoderLoader", "encoder_name"): "folder",
                ("LoadSubject", "subject_name"): "saved", ("LoadBlipFinetune", "finetune_name"): "saved",
                ("UNETLoader", "unet_name"): "host", ("CLIPLoader", "clip_name"): "host",
-               ("VAELoader", "vae_name"): "host"}
+               ("VAELoader", "vae_name"): "host", ("ControlNetLoader", "control_net_name"): "host"}
 
 
 def test_every_file_a_shipped_workflow_names_is_one_the_pack_provides():
