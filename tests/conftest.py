@@ -68,6 +68,34 @@ def host_unet_file(test_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+def safetensors_copy(source: Path, out: Path) -> Path:
+    """A component's .bin saved as the single safetensors file the host's loaders are given."""
+    import torch
+    from safetensors.torch import save_file
+
+    if not out.exists():
+        save_file({k: v.contiguous() for k, v in torch.load(source, weights_only=True).items()}, str(out))
+    return out
+
+
+def released_names(test_model_dir: Path, host_unet_file: Path, models: dict, tmp_path_factory) -> dict:
+    """``models`` plus the generated weights under the names the shipped workflows use (README, *Where the
+    weights go*), so shipped workflows run with their file names unchanged."""
+    files = tmp_path_factory.mktemp("released-names")
+    extra = {
+        "blip_diffusion": {"blipdiffusion": test_model_dir, "blipdiffusion-controlnet": test_model_dir},
+        "diffusion_models": {"blipdiffusion_unet.safetensors": host_unet_file},
+        "text_encoders": {"blipdiffusion_text_encoder.safetensors": safetensors_copy(
+            test_model_dir / "text_encoder" / "pytorch_model.bin", files / "text_encoder.safetensors")},
+        "vae": {"blipdiffusion_vae.safetensors": safetensors_copy(
+            test_model_dir / "vae" / "diffusion_pytorch_model.bin", files / "vae.safetensors")},
+    }
+    merged = {folder: dict(entries) for folder, entries in models.items()}
+    for folder, entries in extra.items():
+        merged.setdefault(folder, {}).update(entries)
+    return merged
+
+
 @pytest.fixture(scope="session")
 def controlnet_files(test_model_dir) -> dict[str, Path]:
     """models/controlnet/: the generated depth ControlNet in the single-file layout (tests/controlnets.py),
@@ -87,13 +115,13 @@ def comfy_server(test_model_dir, host_unet_file, controlnet_files, tmp_path_fact
     """One warm host for the session, fp32 everywhere so numbers compare to the reference."""
     from blip_diffusion.api.server import ComfyServer, make_base_dir
 
-    base = make_base_dir(tmp_path_factory.mktemp("comfy-base"), {
+    base = make_base_dir(tmp_path_factory.mktemp("comfy-base"), released_names(test_model_dir, host_unet_file, {
         "blip_diffusion": {"blip-diffusion-test": test_model_dir},
         "diffusion_models": {"blipdiff-test-unet.safetensors": host_unet_file},
         "text_encoders": {"blipdiff-test-clip.bin": test_model_dir / "text_encoder" / "pytorch_model.bin"},
         "vae": {"blipdiff-test-vae.bin": test_model_dir / "vae" / "diffusion_pytorch_model.bin"},
         "controlnet": controlnet_files,
-    })
+    }, tmp_path_factory))
     server = ComfyServer(base, ["--fp32-text-enc", "--fp32-unet", "--fp32-vae"])
     server.start()
     _live_servers.append(server)
