@@ -60,4 +60,11 @@ if [ ! -f "$venv/.stamp-reqs" ]; then
       torch==2.14.1 torchvision==0.29.1
   touch "$venv/.stamp-reqs"
 fi
+# Test-only: tests/test_api_clients.py drives a shipped workflow through this independent client
+# (by node titles), as ordinary API users do. It brings websockets; the pack never imports it.
+api_client="comfy-api-simplified==1.6.0"
+if [ ! -f "$venv/.stamp-$api_client" ]; then
+  "$venv/bin/python" -m pip install -q "$api_client"
+  touch "$venv/.stamp-$api_client"
+fi
 echo "host ready: $comfy (python: $venv/bin/python)"
