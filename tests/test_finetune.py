@@ -25,6 +25,7 @@ from refenv import ROOT, run_reference
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
 RES, BATCH, STEPS, SEED, LR, CATEGORY = 64, 3, 3, 1234, 5e-6, "dog"
+LORA_STEPS = 6
 LOSS_TOL, GRAD_TOL, PARAM_TOL = 1e-5, 1e-4, 1e-2
 
 
@@ -328,7 +329,8 @@ def test_lora_loss_decreases_and_the_saved_lora_reloads_identically(host_unet, h
     latents, noise, t = inputs.steps[0]   # one fixed batch
     with nf.training(host_unet, host.clip, layout, inputs.init, mode="lora", rank=4, seed=0, lr=1e-3) as run:
         tr = run.trainer
-        losses = [tr.step(latents, noise, t) for _ in range(20)]
+        # 6 steps: on this batch the loss halves by the 4th (1.08, 0.84, 0.64, 0.51, 0.41, 0.34)
+        losses = [tr.step(latents, noise, t) for _ in range(LORA_STEPS)]
         with torch.no_grad():
             cond = tr.text(tr.subject).clone()
             noisy = ft.add_noise(latents, noise, t, tr.acp)
@@ -347,11 +349,13 @@ def test_lora_loss_decreases_and_the_saved_lora_reloads_identically(host_unet, h
     base = eps_of(host_unet, x, t, cond.expand(BATCH, -1, -1))
     eps_mem = eps_of(in_memory, x, t, cond.expand(BATCH, -1, -1))
     eps_re = eps_of(reloaded, x, t, cond.expand(BATCH, -1, -1))
+    print(f"LoRA's change of eps: {rel(eps_mem, base):.2e} (relative)")
     assert mode == "lora" and torch.equal(subject2.embedding, subject) and meta["losses"] == losses
     assert torch.equal(eps_mem, eps_re), "the reloaded LoRA renders differently from the in-memory one"
     assert rel(eps_mem, live) < 1e-4, "the exported LoRA is not the model that was trained"
     assert rel(eps_mem, base) > 1e-3, "the LoRA changed nothing"
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+    half = LORA_STEPS // 2
+    assert sum(losses[-half:]) / half < 0.9 * sum(losses[:half]) / half, losses
     assert losses[-1] < losses[0], losses
 
 
