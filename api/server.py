@@ -58,12 +58,13 @@ def make_base_dir(base: Path, models: dict[str, dict[str, Path]] | None = None) 
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, extra_args: list[str] | None = None, port: int | None = None):
+    def __init__(self, base_dir: Path, extra_args: list[str] | None = None, port: int | None = None,
+                 log_name: str = "server.log"):
         self.base_dir = Path(base_dir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args or [])
-        self.log_path = self.base_dir / "server.log"
+        self.log_path = self.base_dir / log_name
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> "ComfyServer":

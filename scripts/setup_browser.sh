@@ -26,3 +26,16 @@ if [ ! -f node_modules/playwright-core/package.json ] || [ package-lock.json -nt
     echo "setup_browser: npm ci (playwright-core)" >&2
     npm ci --no-audit --no-fund --loglevel=error
 fi
+
+# The newest ComfyUI frontend on the package index as of this pin (users upgrade the frontend far
+# more often than the host): unpacked into .cache/, served with the host's --front-end-root by the
+# browser test. The host's own pinned frontend (1.32.x) comes with the host.
+NEWEST_FRONTEND="${BLIP_NEWEST_FRONTEND:-1.58.1}"
+frontend_dir="$root/.cache/frontend-$NEWEST_FRONTEND"
+if [ ! -f "$frontend_dir/comfyui_frontend_package/static/index.html" ]; then
+    echo "setup_browser: comfyui-frontend-package==$NEWEST_FRONTEND into $frontend_dir" >&2
+    rm -rf "$frontend_dir.tmp"
+    "$root/.cache/host-venv/bin/python" -m pip install -q --no-deps --target "$frontend_dir.tmp" \
+        "comfyui-frontend-package==$NEWEST_FRONTEND"
+    rm -rf "$frontend_dir" && mv "$frontend_dir.tmp" "$frontend_dir"
+fi

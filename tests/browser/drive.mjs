@@ -5,7 +5,10 @@
 // The manifest (written by tests/test_frontend.py) names the host's URL, the browser, the UI
 // workflow files to drop with the pack's node types each holds, broken copies that must be
 // reported, and where to write the results and the README screenshot. One browser session:
-//   1. the shipped zero-shot workflow is dropped and photographed (the README's screenshot);
+//   1. shipped workflows are dropped and photographed (the README's screenshots, the template
+//      thumbnails when asked);
+//   1b. the template browser lists the pack's workflows with their thumbnails; one is opened
+//      from it, set to the test's size and steps, and run;
 //   2. each workflow file reaches the page through a real drop event on the canvas; the driver
 //      asserts that no dialog (missing nodes/models, load error) or toast (workflow validation)
 //      appeared, and that every node, the pack's included, is a registered type drawn on the
@@ -51,19 +54,19 @@ function graphInPage() {
   const canvas = app.canvas;
   const drawn = new Set((canvas.visible_nodes || []).map((n) => n.id));
   const serialized = app.graph.serialize();
-  const saved = new Map(serialized.nodes.map((n) => [n.id, n.widgets_values ?? []]));
+  const saved = new Map(serialized.nodes.map((n) => [String(n.id), n.widgets_values ?? []]));
   const links = app.graph.links instanceof Map ? [...app.graph.links.values()] : Object.values(app.graph.links ?? {});
   const slotType = (id, kind, slot) => app.graph.getNodeById(id)?.[kind]?.[slot]?.type;
   const linkTypes = new Map();
   for (const l of links) {
     for (const [id, kind, slot] of [[l.origin_id, 'outputs', l.origin_slot], [l.target_id, 'inputs', l.target_slot]]) {
-      if (!linkTypes.has(id)) linkTypes.set(id, []);
-      linkTypes.get(id).push({ link: l.id, type: l.type, from: slotType(l.origin_id, 'outputs', l.origin_slot),
+      if (!linkTypes.has(String(id))) linkTypes.set(String(id), []);
+      linkTypes.get(String(id)).push({ link: l.id, type: l.type, from: slotType(l.origin_id, 'outputs', l.origin_slot),
         to: slotType(l.target_id, 'inputs', l.target_slot) });
     }
   }
   return app.graph.nodes.map((node) => ({
-    links: linkTypes.get(node.id) ?? [],
+    links: linkTypes.get(String(node.id)) ?? [],
     id: node.id,
     type: node.type,
     title: node.title,
@@ -72,7 +75,7 @@ function graphInPage() {
     has_errors: !!node.has_errors,
     drawn: drawn.has(node.id),
     size: [node.size[0], node.size[1]],
-    widgets_values: saved.get(node.id),
+    widgets_values: saved.get(String(node.id)),
     widgets: (node.widgets || []).map((w) => ({
       name: w.name,
       type: w.type,
@@ -155,9 +158,9 @@ async function fitView(page) {
 
 function checkNodes(name, wf, nodes, packTypes) {
   const problems = [];
-  const byId = new Map(nodes.map((n) => [n.id, n]));
+  const byId = new Map(nodes.map((n) => [String(n.id), n]));  // newer frontends keep ids as strings
   for (const fileNode of wf.nodes) {
-    const n = byId.get(fileNode.id);
+    const n = byId.get(String(fileNode.id));
     const where = `node ${fileNode.id} (${fileNode.type})`;
     if (!n.registered) problems.push(`${where} is not a registered node type (missing node placeholder)`);
     if (n.has_errors) problems.push(`${where} is marked with errors`);
@@ -226,13 +229,14 @@ async function queueAndWait(page, name, spec) {
     if (!images.length) fail(`${name}: /history has no image for SaveImage ${saver}: ${JSON.stringify(entry.outputs)}`);
     try {
       shown[saver] = await page.waitForFunction(([id, filename]) => {
-        const node = window.app.graph.getNodeById(id);
+        const node = window.app.graph.nodes.find((n) => String(n.id) === String(id));
         const img = node?.imgs?.find((i) => i.complete && i.naturalWidth > 0 &&
           new URL(i.src).searchParams.get('filename') === filename);
         return img ? img.src : null;
-      }, [saver, images[0].filename], { timeout: 30_000 }).then((h) => h.jsonValue());
+      }, [saver, images[0].filename], { timeout: 60_000 }).then((h) => h.jsonValue());
     } catch {
-      const imgs = await page.evaluate((id) => (window.app.graph.getNodeById(id)?.imgs || []).map((i) => i.src), saver);
+      const imgs = await page.evaluate((id) => (window.app.graph.nodes.find((n) => String(n.id) === String(id))?.imgs || [])
+        .map((i) => i.src), saver);
       fail(`${name}: the host saved ${images[0].filename}, the page's SaveImage ${saver} shows ${JSON.stringify(imgs)}`);
     }
     log(`${name}: SaveImage ${saver} shows ${shown[saver]}`);
@@ -295,6 +299,79 @@ async function screenshot(page, shot) {
   log(`screenshot ${shot.out}`);
 }
 
+// The template browser: the user's way to the pack's workflows. The Templates button opens the
+// dialog; the pack is listed under its folder name with the extensions; each of its workflows is a
+// card showing the pack's own thumbnail. The chosen card loads the workflow; the test's settings (a
+// small size and few steps, typed into the widgets as a user would) are set, and it runs.
+async function openTemplate(page, spec) {
+  const thumbnailResponses = new Map();  // cards in view from the start fetch theirs at once
+  page.on('response', (r) => {
+    const p = new URL(r.url()).pathname;
+    if (p.startsWith(`/api/workflow_templates/${spec.module}/`)) thumbnailResponses.set(p, r);
+  });
+  await page.getByRole('button', { name: 'Templates' }).first().click();
+  const dialog = page.locator('[role="dialog"]').filter({ hasText: spec.module });
+  await dialog.waitFor({ state: 'visible', timeout: 30_000 });
+  await dialog.getByText(spec.module, { exact: true }).first().click();
+  // The frontend fetches each card's picture when the card scrolls into view and shows it as a blob:
+  // the host's answers for the pack's thumbnail URLs are what prove each card has its own.
+  const problems = [];
+  for (const name of spec.names) {
+    const card = dialog.locator(`[data-testid="template-workflow-${name}"]`);
+    try {
+      await card.waitFor({ state: 'attached', timeout: 15_000 });
+    } catch {
+      problems.push(`no card for ${name}`);
+      continue;
+    }
+    if (!spec.check_thumbnails) continue;  // being made in this run
+    const want = `/api/workflow_templates/${spec.module}/${name}.jpg`;
+    const fetched = page.waitForResponse((r) => new URL(r.url()).pathname === want, { timeout: 20_000 })
+      .catch(() => null);
+    await card.scrollIntoViewIfNeeded();
+    const response = thumbnailResponses.get(want) ?? await fetched;
+    if (!response || response.status() !== 200 || !/image\/jpeg/.test(response.headers()['content-type'] ?? '')) {
+      problems.push(`${name}: the host answered ${response ? `${response.status()} ${response.headers()['content-type']}` : 'nothing'} for ${want}`);
+      continue;
+    }
+    try {
+      await page.waitForFunction((testid) => {
+        const img = document.querySelector(`[data-testid="${testid}"] img`);
+        return img && img.complete && img.naturalWidth > 0 && !/default-template/.test(img.src);
+      }, `template-workflow-${name}`, { timeout: 15_000 });
+    } catch {
+      const src = await card.locator('img').first().getAttribute('src').catch(() => null);
+      problems.push(`${name}: the card shows ${src}, not the pack's thumbnail`);
+    }
+  }
+  if (problems.length) fail(`template browser:\n  ${problems.join('\n  ')}`);
+  log(`template browser: ${spec.names.length} cards under ${spec.module}, each with its thumbnail`);
+
+  const wf = JSON.parse(fs.readFileSync(spec.file, 'utf8'));
+  await dialog.locator(`[data-testid="template-workflow-${spec.name}"]`).click();
+  await waitForGraph(page, wf, `${spec.name} (template)`);
+  await fitView(page);
+  await assertNoPopups(page, `${spec.name} opened from the template browser`);
+  const nodes = await page.evaluate(graphInPage);
+  checkNodes(`${spec.name} (template)`, wf, nodes, spec.pack_types);
+  // the test's settings, typed into the named widgets
+  await page.evaluate((values) => {
+    for (const [id, widgets] of Object.entries(values)) {
+      const node = window.app.graph.nodes.find((n) => String(n.id) === id);
+      for (const [name, value] of Object.entries(widgets)) {
+        const w = node.widgets.find((x) => x.name === name);
+        w.value = value;
+        w.callback?.(value);
+      }
+    }
+    window.app.graph.setDirtyCanvas(true, true);
+  }, spec.settings);
+  await settle(page);
+  const result = await queueAndWait(page, `${spec.name} (template)`, spec);
+  await assertNoPopups(page, `${spec.name} (template) after its run`);
+  return result;
+}
+
 // -- main ----------------------------------------------------------------------------------------
 async function main() {
   // A returning user: no first-run template browser (a setting) and no "Nodes 2.0" banner
@@ -306,7 +383,7 @@ async function main() {
   if (!settings.ok) fail(`POST /api/settings answered ${settings.status}`);
 
   fs.rmSync(manifest.profile, { recursive: true, force: true });
-  const { width, height } = manifest.screenshots[0];
+  const { width, height } = manifest.viewport;
   const context = await chromium.launchPersistentContext(manifest.profile, {
     executablePath: manifest.chromium,
     headless: true,
@@ -334,10 +411,13 @@ async function main() {
     await assertNoPopups(page, 'the page as it opens');
 
     for (const shot of manifest.screenshots) await screenshot(page, shot);
+    if (manifest.template) results.template = await openTemplate(page, manifest.template);
 
     for (const spec of manifest.workflows) {
       await dropAndCheck(page, spec);
-      results.workflows[spec.name] = await queueAndWait(page, spec.name, spec);
+      // what the frontend's "Export (API)" writes for this graph: the same graphToPrompt call
+      const exported = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
+      results.workflows[spec.name] = { ...await queueAndWait(page, spec.name, spec), exported };
       await assertNoPopups(page, `${spec.name} after its run`);
     }
 
