@@ -12,7 +12,6 @@ the 8-bit image within 2/255.
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,7 +21,7 @@ from controlnets import DEPTH_FILE, as_diffusers_folder, key_map
 from graphs import api_workflow, put_input_image, shipped
 from refenv import run_reference, ROOT
 from test_conditioning import LONG
-from test_controlnet_graph import IMAGE_TOL, LATENT_TOL, SAMPLE, SIZE, STEPS, errors, run_graph
+from test_controlnet_graph import IMAGE_TOL, LATENT_TOL, SAMPLE, SIZE, STEPS, assert_reference_hint_is, errors, run_graph
 
 SHIPPED_PROMPT = api_workflow("controlnet_depth")["positive"]["inputs"]["prompt"]
 CASES = [dict(seed=31, prompt=SHIPPED_PROMPT), dict(seed=32, prompt=LONG)]
@@ -95,12 +94,7 @@ def test_depth_controlnet_differs_from_the_canny_one(controlnet_files, test_mode
 
 
 def test_reference_hint_is_the_map_on_both_cfg_halves(reference, depth_png):
-    png = torch.from_numpy(np.asarray(Image.open(depth_png).convert("RGB"), dtype=np.float32) / 255.0)
-    for i in range(len(CASES)):
-        assert reference[f"hint_batch_{i}"].item() == 2
-        hint = reference[f"hint_{i}"][0].permute(1, 2, 0)
-        assert hint.shape == png.shape == (SIZE, SIZE, 3)
-        assert (hint - png).abs().max().item() <= 1e-6
+    assert_reference_hint_is(reference, depth_png, len(CASES), SIZE)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)))

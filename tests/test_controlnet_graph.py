@@ -84,15 +84,19 @@ def errors(reference, i, latents, png):
     return (latents - ref_latents).abs().max().item(), np.abs(png - ref_png).max()
 
 
-def test_reference_hint_is_the_png_on_both_cfg_halves(reference, edges_png):
+def assert_reference_hint_is(reference, png_path, cases: int, size: int = SIZE) -> None:
     """What the host's LoadImage hands ControlNetApplyAdvanced (pixels / 255, no resize at the output
     size) is exactly what diffusers' ControlNet received, on the uncond and cond halves alike."""
-    png = torch.from_numpy(np.asarray(Image.open(edges_png).convert("RGB"), dtype=np.float32) / 255.0)
-    for i in range(len(CASES)):
+    png = torch.from_numpy(np.asarray(Image.open(png_path).convert("RGB"), dtype=np.float32) / 255.0)
+    for i in range(cases):
         assert reference[f"hint_batch_{i}"].item() == 2
         hint = reference[f"hint_{i}"][0].permute(1, 2, 0)
-        assert hint.shape == png.shape == (SIZE, SIZE, 3)
+        assert hint.shape == png.shape == (size, size, 3)
         assert (hint - png).abs().max().item() <= 1e-6
+
+
+def test_reference_hint_is_the_png_on_both_cfg_halves(reference, edges_png):
+    assert_reference_hint_is(reference, edges_png, len(CASES))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)))
