@@ -1,7 +1,7 @@
 """The batch tool (batch/) run as users run it: a subprocess talking to a live host over HTTP and /ws.
 
-Every render is small (64 px, 2 steps; the twenty renders 1 step). Subject photos are fresh random noise
-per test, so the host's cache never holds them from an earlier test and encoder counts are exact.
+Every render is small (64 px, 2 steps). Subject photos are fresh random noise per test, so the
+host's cache never holds them from an earlier test and encoder counts are exact.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "batch"
 MODEL = "blip-diffusion-test"
 SMALL = {"steps": 2, "size": 64}
-TINY = {"steps": 1, "size": 64}  # one PNDM step: one UNet call of the CFG batch per render
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -174,7 +173,7 @@ def test_twenty_queued_renders_complete_and_each_subject_is_encoded_once(comfy_s
     batch.write_text(json.dumps({
         "subjects": [{"image": "dog.png", "category": "dog"}, {"image": "pot.png", "category": "teapot"}],
         "prompts": ["on a beach", "in the snow", "on a wooden table", "in a forest", "under water"],
-        "seeds": [7, 8], **TINY}))
+        "seeds": [7, 8], **SMALL}))
     out = tmp_path / "out"
     proc = run_tool(batch, out, comfy_server)
     print(proc.stderr[-3000:])
