@@ -33,9 +33,8 @@ def subjects(comfy_server):
 
 
 def tiny_render(subject, seed: int, prompt: str = "on a beach", prefix: str = "load/render") -> dict:
-    """The shipped zero-shot graph at its smallest: 64 px, one PNDM step (one UNet call of the CFG batch)."""
     image, category = subject
-    g = zero_shot(MODEL, image, category, prompt, seed=seed, steps=1, size=64, save_latent=False)
+    g = zero_shot(MODEL, image, category, prompt, seed=seed, steps=2, size=64, save_latent=False)
     g["save"]["inputs"]["filename_prefix"] = prefix
     return g
 
