@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageOps
-from safetensors.torch import load_file
 
 from graphs import ROOT, zero_shot
 from refenv import run_reference
 from test_workflows import UI_DIR, UI_NAMES, pack_samples
+from test_zero_shot_graph import saved_latent
 
 ASSETS = ROOT / "workflows" / "assets"
 USERS_OWN = "sample_scene.png"  # a photo of the user's that happens to share a sample's name
@@ -89,8 +89,7 @@ def test_a_plain_cpu_host_matches_the_published_pipeline(plain_server, reference
     api = ComfyClient(plain_server.url)
     graph = zero_shot("blipdiffusion", "sample_subject.png", "teapot", CASE["prompt"], CASE["seed"], STEPS, SIZE)
     result = api.run(graph, timeout=900)
-    entry = result.outputs["save_latent"]["latents"][0]
-    latents = load_file(str(plain_server.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+    latents = saved_latent(plain_server, result)
     latent_err = (latents * SCALE - reference["final_latents_0"]).abs().max().item()
     png = np.asarray(Image.open(io.BytesIO(api.view(result.outputs["save"]["images"][0]))).convert("RGB"))
     image_err = np.abs(png.astype(np.float64) - reference["image_0"][0].permute(1, 2, 0).numpy() * 255.0).max()
