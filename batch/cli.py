@@ -6,10 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-from .graph import DEFAULT_WORKFLOW, SLOTS, Template, TemplateError
+from .graph import DEFAULT_WORKFLOW, TemplateError
 from .manifest import FolderLock, Manifest
 from .runner import EXIT_HOST, EXIT_INTERRUPTED, EXIT_USAGE, Runner
 from .spec import BatchFileError, load_batch
+from .template import Template
 
 EPILOG = """\
 batch file (JSON lines, JSON or CSV; relative image paths are relative to the batch file):
@@ -31,7 +32,9 @@ def parse_args(argv):
                     help="the ComfyUI host (default: $COMFYUI_URL or http://127.0.0.1:8188)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the images and manifest.json")
     ap.add_argument("--workflow", type=Path, default=None,
-                    help=f"API workflow used as the template (default: {DEFAULT_WORKFLOW.relative_to(DEFAULT_WORKFLOW.parents[2])})")
+                    help="your own API workflow (Export (API)) to render each item with; what it fills is found by the "
+                         "graph's links, see docs/batch.md (default: "
+                         f"{DEFAULT_WORKFLOW.relative_to(DEFAULT_WORKFLOW.parents[2])})")
     ap.add_argument("--model", default=None,
                     help="model folder name for the loader (default: the workflow's, or the host's only one)")
     ap.add_argument("--steps", type=int, help="steps for items that give none (default: the workflow's)")
@@ -79,11 +82,16 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     for w in warnings:
         err(f"warning: {w}")
+    for f in template.unused(items):
+        err(f"warning: items set {f!r} but {template.path.name} has nowhere to put it (see docs/batch.md, "
+            "Your own workflow); the workflow's own value is used")
+
 
     if a.dry_run:
         subjects = {}
         for item in items:
             subjects.setdefault(item.subject_key, item)
+        err(f"template {template.path}: {template.describe()}")
         print(f"{len(items)} item(s), {len(subjects)} subject(s), queue order:")
         for item in items:
             missing = "" if item.image_sha256 else "   [image not found]"
@@ -119,7 +127,7 @@ def _run(a, template: Template, items) -> int:
     model = a.model
     try:
         if template.has("model"):
-            loader = template.graph[SLOTS["model"][0]]["class_type"]
+            loader = template.loader_class()
             available = client.loader_models(loader)
             if available is None:
                 err(f"error: the host at {a.url} has no {loader} node: install this pack in its custom_nodes/")

@@ -16,11 +16,11 @@ from pathlib import Path
 import requests
 
 from ..api.client import PromptRejected
-from .graph import ENCODER_NODE, Template
 from .host import BatchClient, Events, HostUnreachable, execution_error_message, rejection_message
 from .manifest import Manifest, atomic_write, now_iso
 from .progress import Progress
 from .spec import Item
+from .template import Template
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -209,7 +209,8 @@ class Runner:
             self._fail(item_id, execution_error_message(entry))
             return False
         outputs = entry.get("outputs") or {}
-        images = [img for node in sorted(outputs, key=lambda n: (n != "save", n))
+        saves = self.template.slots.saves  # the template's order: the first save's images come first
+        images = [img for node in sorted(outputs, key=lambda n: (saves.index(n) if n in saves else len(saves), n))
                   for img in outputs[node].get("images", []) if img.get("type", "output") == "output"]
         if not images:
             self._fail(item_id, "the prompt finished without saving an image")
@@ -229,7 +230,8 @@ class Runner:
         times = {kind: data.get("timestamp") for kind, data in status.get("messages", [])}
         cached = {n for kind, data in status.get("messages", []) if kind == "execution_cached"
                   for n in data.get("nodes", [])}
-        encoder_ran = ENCODER_NODE in self.template.graph and ENCODER_NODE not in cached
+        encoder = self.template.encoder_node
+        encoder_ran = encoder is not None and encoder not in cached
         seconds = None
         if times.get("execution_start") and times.get("execution_success"):
             seconds = round((times["execution_success"] - times["execution_start"]) / 1000.0, 3)

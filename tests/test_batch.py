@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -149,6 +150,87 @@ def test_fill_sets_every_slot_by_node_id_and_refuses_a_missing_one():
         fill(renamed, prompt="a teapot on the moon")
 
 
+USER_GRAPH = ROOT / "tests" / "data" / "user_zero_shot_api.json"  # scripts/export_user_graph.py
+
+
+def only(graph: dict, class_type: str) -> str:
+    ids = [k for k, n in graph.items() if n["class_type"] == class_type]
+    assert len(ids) == 1, (class_type, ids)
+    return ids[0]
+
+
+def test_a_user_exported_graph_is_read_by_structure_and_ambiguity_is_named(tmp_path):
+    """A frontend export (numeric ids, an upscaler, two saves, a preview): every field lands on the node the
+    graph's links say; two candidates are refused with the mark that resolves them."""
+    from blip_diffusion.batch.graph import TemplateError
+    from blip_diffusion.batch.template import Template
+
+    user = json.loads(USER_GRAPH.read_text())
+    assert all(k.isdigit() for k in user), "the fixture is a frontend export with numeric ids"
+    t = Template(USER_GRAPH)
+    sampler = only(user, "SamplerCustom")
+    expected = {"image": (only(user, "LoadImage"), "image"), "category": (only(user, "SubjectEncode"), "category"),
+                "prompt": (only(user, "SubjectConditioning"), "prompt"), "seed": (sampler, "noise_seed"),
+                "cfg": (sampler, "cfg"), "steps": (only(user, "BlipPNDMScheduler"), "steps"),
+                "width": (only(user, "EmptyLatentImage"), "width"), "negative": (only(user, "CLIPTextEncode"), "text"),
+                "model": (only(user, "BlipDiffusionLoader"), "model_name")}
+    for name, where in expected.items():
+        assert t.slots.inputs[name] == where, name
+    saves = sorted((k for k, n in user.items() if n["class_type"] == "SaveImage"), key=int)
+    assert t.slots.saves == saves and len(saves) == 2
+    item = SimpleNamespace(category="dog", prompt="on the moon", seed=41, steps=3, width=96, height=64,
+                           negative="blurry", cfg=5.0, target_category="")  # what fill reads of an item
+    g = t.fill(item, "up/x.png", "my-model", "blip_batch/b/item")
+    for name, value in {"image": "up/x.png", "category": "dog", "prompt": "on the moon", "seed": 41, "cfg": 5.0,
+                        "steps": 3, "width": 96, "negative": "blurry", "model": "my-model"}.items():
+        node, key = expected[name]
+        assert g[node]["inputs"][key] == value, name
+    assert g[expected["width"][0]]["inputs"]["height"] == 64
+    assert [g[k]["inputs"]["filename_prefix"] for k in saves] == ["blip_batch/b/item", "blip_batch/b/item_1"]
+    upscale = only(user, "ImageScaleBy")
+    assert g[upscale]["inputs"] == user[upscale]["inputs"], "nodes the batch does not fill are kept as they are"
+
+    def write(graph) -> Path:
+        path = tmp_path / f"g{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(graph))
+        return path
+
+    # a hires pass: a second sampler starting from the first one's latent; the first one takes the seed
+    hires = json.loads(json.dumps(user))
+    hires["99"] = {"class_type": "KSampler", "inputs": {
+        "model": ["1", 0], "seed": 7, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+        "denoise": 0.5, "positive": [expected["prompt"][0], 0], "negative": ["5", 0], "latent_image": [sampler, 0]}}
+    assert Template(write(hires)).slots.inputs["seed"] == (sampler, "noise_seed")
+    # two subject conditionings into one positive: refused, named, and resolved by a title mark
+    two = json.loads(json.dumps(user))
+    first_cond = expected["prompt"][0]
+    two["50"] = json.loads(json.dumps(two[first_cond]))
+    two["51"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": [first_cond, 0],
+                                                                 "conditioning_2": ["50", 0]}}
+    two[sampler]["inputs"]["positive"] = ["51", 0]
+    with pytest.raises(TemplateError, match=r"found 2 \(#4 SubjectConditioning, #50 SubjectConditioning\).*batch:prompt"):
+        Template(write(two))
+    two["50"]["_meta"] = {"title": "Second subject batch:prompt"}
+    assert Template(write(two)).slots.inputs["prompt"] == ("50", "prompt")
+    # a seed fed by a link cannot be set per item
+    linked = json.loads(json.dumps(user))
+    linked["60"] = {"class_type": "PrimitiveInt", "inputs": {"value": 3}}
+    linked[sampler]["inputs"]["noise_seed"] = ["60", 0]
+    with pytest.raises(TemplateError, match="noise_seed is fed by a link"):
+        Template(write(linked))
+    # an item field the workflow has nowhere to put is reported (the tool warns), one it has is not
+    zero_negative = json.loads(json.dumps(user))
+    zero_negative["5"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}}
+    assert Template(write(zero_negative)).unused([item]) == ["negative"] and t.unused([item]) == []
+    # the UI format is named as such
+    ui = write(json.loads((ROOT / "example_workflows" / "zero_shot.json").read_text()))
+    with pytest.raises(TemplateError, match=r"UI workflow.*Export \(API\)"):
+        Template(ui)
+    # no subject encoder: say what is missing
+    with pytest.raises(TemplateError, match="one Subject Encode node"):
+        Template(ROOT / "workflows" / "api" / "saved_subject_reuse.json")
+
+
 def test_tool_runs_from_any_folder_without_torch(tmp_path):
     """The client side needs no torch: the whole tool imports with the stdlib, requests (and websocket)."""
     noise_image(tmp_path / "a.png")
@@ -252,6 +334,38 @@ def test_killed_and_restarted_batch_loses_nothing_and_renders_nothing_twice(comf
     proc4 = run_tool(batch, out, comfy_server, "--no-progress")
     assert proc4.returncode == 0, proc4.stderr[-4000:]
     assert lost.is_file() and len(batch_history(api, final["batch_id"])) == 6
+
+
+def test_a_user_exported_graph_with_extra_nodes_is_batched(comfy_server, api, tmp_path):
+    """The frontend export with an upscaler, a second save and a preview: every item's two saved images
+    are collected (the preview, a temp file, is not), the main one has the same pixels as the shipped
+    template's render of the same item, the upscaled one is it at 2x, and the subject is encoded once."""
+    import numpy as np
+    from PIL import Image
+
+    noise_image(tmp_path / "dog.png")
+    batch = tmp_path / "b.json"
+    batch.write_text(json.dumps({"subjects": [{"image": "dog.png", "category": "dog"}], "prompts": ["in snow"],
+                                 "seeds": [3, 4], **SMALL}))
+    mine, shipped = tmp_path / "mine", tmp_path / "shipped"
+    proc = run_tool(batch, mine, comfy_server, "--workflow", str(USER_GRAPH), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert run_tool(batch, shipped, comfy_server, "--no-progress").returncode == 0
+    records = manifest(mine)["items"]
+    assert [r["encoder_ran"] for r in records] == [True, False]
+
+    def pixels(path):
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    for rec, ref in zip(records, manifest(shipped)["items"]):
+        assert rec["id"] == ref["id"] and rec["status"] == "done"
+        assert rec["outputs"] == [f"{rec['id']}_0.png", f"{rec['id']}_1.png"]
+        main, upscaled = pixels(mine / rec["outputs"][0]), pixels(mine / rec["outputs"][1])
+        assert main.shape == (64, 64, 3)
+        assert np.array_equal(main, pixels(shipped / ref["outputs"][0]))
+        assert np.array_equal(upscaled, main.repeat(2, axis=0).repeat(2, axis=1))
+    assert not np.array_equal(pixels(mine / records[0]["outputs"][0]), pixels(mine / records[1]["outputs"][0]))
 
 
 def test_one_bad_item_is_reported_and_the_others_finish(comfy_server, api, tmp_path):
