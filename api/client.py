@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import requests
 
+from .history import PromptHistory
+
 
 class PromptRejected(Exception):
     """The server refused the prompt at validation (``node_errors``)."""
@@ -75,12 +77,11 @@ class ComfyClient:
         finally:
             if ws:
                 ws.close()
-        entry = self._wait_history(prompt_id, timeout)
-        status = entry.get("status", {})
-        for kind, data in status.get("messages", []):
-            if kind == "execution_error":
-                raise ExecutionFailed(data)
-        return PromptResult(prompt_id, entry.get("outputs", {}), messages or status.get("messages", []))
+        entry = self.wait_finished(prompt_id, timeout)
+        error = entry.execution_error()
+        if error is not None:
+            raise ExecutionFailed(error)
+        return PromptResult(prompt_id, entry.outputs, messages or entry.messages)
 
     def view(self, image: dict) -> bytes:
         params = {"filename": image["filename"], "subfolder": image.get("subfolder", ""),
@@ -115,7 +116,7 @@ class ComfyClient:
             try:
                 raw = ws.recv()
             except websocket.WebSocketTimeoutException:
-                if self._history_entry(prompt_id):
+                if self.finished(prompt_id):
                     break
                 continue
             except websocket.WebSocketConnectionClosedException:
@@ -133,18 +134,15 @@ class ComfyClient:
                 break
         return messages
 
-    def _history_entry(self, prompt_id: str) -> dict | None:
-        entry = self.history(prompt_id).get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None:
-            if entry["status"].get("status_str") in ("success", "error") or entry["status"].get("completed"):
-                return entry
-        return None
+    def finished(self, prompt_id: str) -> PromptHistory | None:
+        """The history entry of a finished prompt; None while it is queued or running, or unknown."""
+        return PromptHistory.finished(self.history(prompt_id), prompt_id)
 
-    def _wait_history(self, prompt_id: str, timeout: float) -> dict:
+    def wait_finished(self, prompt_id: str, timeout: float) -> PromptHistory:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            entry = self._history_entry(prompt_id)
-            if entry:
+            entry = self.finished(prompt_id)
+            if entry is not None:
                 return entry
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")

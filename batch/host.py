@@ -102,15 +102,6 @@ class BatchClient(ComfyClient):
         q = self.get("/queue").json()
         return ({e[1] for e in q.get("queue_running", [])}, {e[1] for e in q.get("queue_pending", [])})
 
-    def finished_entry(self, prompt_id: str) -> dict | None:
-        """The history entry of a finished prompt, or None."""
-        entry = self.get(f"/history/{prompt_id}").json().get(prompt_id)
-        if entry:
-            status = entry.get("status") or {}
-            if status.get("completed") or status.get("status_str") in ("success", "error"):
-                return entry
-        return None
-
     def delete_pending(self, prompt_ids) -> None:
         self.request("POST", "/queue", json={"delete": list(prompt_ids)}, timeout=30)
 
@@ -129,17 +120,6 @@ def rejection_message(payload: dict) -> str:
         for err in info.get("errors", []):
             parts.append(f"node {node_id} ({info.get('class_type')}): {err.get('message')}: {err.get('details')}")
     return "; ".join(p for p in parts if p) or json.dumps(payload)[:500]
-
-
-def execution_error_message(entry: dict) -> str:
-    """Why a finished prompt failed, from its history status messages."""
-    for kind, data in (entry.get("status") or {}).get("messages", []):
-        if kind == "execution_error":
-            return (f"node {data.get('node_id')} ({data.get('node_type')}): "
-                    f"{data.get('exception_type')}: {data.get('exception_message', '').strip()}")
-        if kind == "execution_interrupted":
-            return f"interrupted on the host at node {data.get('node_id')} ({data.get('node_type')})"
-    return f"the host reported status {(entry.get('status') or {}).get('status_str')!r}"
 
 
 class Events:

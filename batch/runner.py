@@ -16,7 +16,8 @@ from pathlib import Path
 import requests
 
 from ..api.client import PromptRejected
-from .host import BatchClient, Events, HostUnreachable, execution_error_message, rejection_message
+from ..api.history import PromptHistory
+from .host import BatchClient, Events, HostUnreachable, rejection_message
 from .manifest import Manifest, atomic_write, now_iso
 from .progress import Progress
 from .spec import Item
@@ -121,7 +122,7 @@ class Runner:
                     adopted += 1
                     continue
                 was_done = self.manifest.get(item_id).get("status") == "done"
-                entry = self.client.finished_entry(pid)
+                entry = self.client.finished(pid)
                 if entry is not None and self._finalize(pid, entry, item_id, quiet=True):
                     collected += 1
                 elif was_done:  # its files are gone here and on the host: render it again
@@ -199,16 +200,16 @@ class Runner:
         outs = rec.get("outputs") or []
         return bool(outs) and all((self.out_dir / name).is_file() for name in outs)
 
-    def _finalize(self, prompt_id: str, entry: dict, item_id: str | None = None, quiet: bool = False) -> bool:
+    def _finalize(self, prompt_id: str, entry: PromptHistory, item_id: str | None = None,
+                  quiet: bool = False) -> bool:
         """Record a finished prompt: download its images (done) or keep its error (failed)."""
         item_id = item_id or self.inflight.pop(prompt_id)
         self.inflight.pop(prompt_id, None)
         self.finishing.discard(prompt_id)
-        status = entry.get("status") or {}
-        if status.get("status_str") != "success":
-            self._fail(item_id, execution_error_message(entry))
+        if not entry.succeeded:
+            self._fail(item_id, entry.error_message())
             return False
-        outputs = entry.get("outputs") or {}
+        outputs = entry.outputs
         saves = self.template.slots.saves  # the template's order: the first save's images come first
         images = [img for node in sorted(outputs, key=lambda n: (saves.index(n) if n in saves else len(saves), n))
                   for img in outputs[node].get("images", []) if img.get("type", "output") == "output"]
@@ -227,14 +228,9 @@ class Runner:
         except Exception as e:  # noqa: BLE001
             self._fail(item_id, f"could not download the output from the host: {e}")
             return False
-        times = {kind: data.get("timestamp") for kind, data in status.get("messages", [])}
-        cached = {n for kind, data in status.get("messages", []) if kind == "execution_cached"
-                  for n in data.get("nodes", [])}
         encoder = self.template.encoder_node
-        encoder_ran = encoder is not None and encoder not in cached
-        seconds = None
-        if times.get("execution_start") and times.get("execution_success"):
-            seconds = round((times["execution_success"] - times["execution_start"]) / 1000.0, 3)
+        encoder_ran = encoder is not None and encoder not in entry.cached_nodes()
+        seconds = entry.execution_seconds()
         self.manifest.update(item_id, status="done", outputs=names, finished_at=now_iso(), render_seconds=seconds,
                              encoder_ran=encoder_ran, host_outputs=images)
         self.manifest.forget(item_id, "error")
@@ -265,7 +261,7 @@ class Runner:
             elif kind in ("execution_success", "execution_error", "execution_interrupted"):
                 self.finishing.add(prompt_id)
         for prompt_id in list(self.finishing):
-            entry = self.client.finished_entry(prompt_id)
+            entry = self.client.finished(prompt_id)
             if entry is not None:
                 self._finalize(prompt_id, entry)
         # Safety net (and the only source without websocket-client): ask the queue.
@@ -279,7 +275,7 @@ class Runner:
         for prompt_id, item_id in list(self.inflight.items()):
             if prompt_id in running or prompt_id in pending:
                 continue
-            entry = self.client.finished_entry(prompt_id)
+            entry = self.client.finished(prompt_id)
             if entry is not None:
                 self._finalize(prompt_id, entry)
             else:
@@ -303,7 +299,7 @@ class Runner:
             running, pending = self.client.queue_state()
         cancelled = 0
         for pid in ours:
-            if pid in running or pid in pending or self.client.finished_entry(pid) is not None:
+            if pid in running or pid in pending or self.client.finished(pid) is not None:
                 continue  # it started before the delete: the next run collects it
             item_id = self.inflight.pop(pid)
             self.manifest.update(item_id, status="pending")

@@ -151,10 +151,9 @@ def bench_renders(size: str, steps: int = 10, px: int = 256, calls: int = 3, sha
             client.run(zero_shot_graph(model.name, names[0], 99, steps, px), timeout=3600)  # same subject warm
             t = time.perf_counter()
             ids = [client.queue(zero_shot_graph(model.name, names[0], 100 + k, steps, px)) for k in range(shared)]
-            entries = [client._wait_history(pid, 3600) for pid in ids]
+            entries = [client.wait_finished(pid, 3600) for pid in ids]
             shared_totals.append(time.perf_counter() - t)
-            encodes += sum(1 for e in entries if "encode" not in {
-                n for kind, d in e["status"]["messages"] if kind == "execution_cached" for n in d["nodes"]})
+            encodes += sum(1 for e in entries if "encode" not in e.cached_nodes())
         single_peak = peak_rss_mb(server.proc.pid)
     ref = {"times_s": [t for r in refs for t in r["times_s"][1:]], "peak_rss_mb": max(r["peak_rss_mb"] for r in refs),
            "cold_first_image_s": refs[0]["cold_first_image_s"]}

@@ -246,6 +246,26 @@ def test_tool_runs_from_any_folder_without_torch(tmp_path):
     assert "dog" in proc.stdout and "seed 3" in proc.stdout
 
 
+def test_history_entry_is_read_in_one_place():
+    from blip_diffusion.api.history import PromptHistory
+
+    messages = [["execution_start", {"timestamp": 1000}], ["execution_cached", {"nodes": ["load", "encode"]}],
+                ["execution_success", {"timestamp": 3500}]]
+    ok = PromptHistory.finished({"p": {"outputs": {"save": {"images": []}},
+                                       "status": {"status_str": "success", "completed": True, "messages": messages}}}, "p")
+    assert ok.succeeded and ok.cached_nodes() == {"load", "encode"} and ok.execution_seconds() == 2.5
+    assert ok.execution_error() is None and ok.outputs == {"save": {"images": []}}
+    assert PromptHistory.finished({"p": {"outputs": {}}}, "p") is None and PromptHistory.finished({}, "p") is None
+    error = {"node_id": "7", "node_type": "KSampler", "exception_type": "ValueError", "exception_message": "bad\n"}
+    failed = PromptHistory.finished({"p": {"status": {"status_str": "error", "completed": False,
+                                                      "messages": [["execution_error", error]]}}}, "p")
+    assert not failed.succeeded and failed.execution_error() == error and failed.execution_seconds() is None
+    assert failed.error_message() == "node 7 (KSampler): ValueError: bad"
+    stopped = PromptHistory({"status": {"status_str": "error", "messages": [
+        ["execution_interrupted", {"node_id": "7", "node_type": "KSampler"}]]}})
+    assert stopped.error_message() == "interrupted on the host at node 7 (KSampler)"
+
+
 # -- against a live host ---------------------------------------------------------------
 @pytest.mark.slow
 def test_twenty_queued_renders_complete_and_each_subject_is_encoded_once(comfy_server, api, tmp_path):
