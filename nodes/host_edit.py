@@ -16,7 +16,7 @@ import comfy.samplers
 import comfy.utils
 import comfy.ldm.modules.attention as host_attention
 
-from ..blip_core import editing
+from ..blip_core import editing, regions
 from ..blip_core.schedule import alphas_cumprod, leading_timesteps
 
 log = logging.getLogger("blip_diffusion")
@@ -178,8 +178,9 @@ class EditSampler(comfy.samplers.Sampler):
     with LocalBlend after every UNet call. ``x`` arrives as the start latent in diffusers' scale
     (latent_image + noise, both prepared by the node)."""
 
-    def __init__(self, attention: EditAttention, steps: int, from_photo: bool):
+    def __init__(self, attention: EditAttention, steps: int, from_photo: bool, region: torch.Tensor | None = None):
         self.attention, self.steps, self.from_photo = attention, steps, from_photo
+        self.region = region  # (H, W) in [0, 1]: where the user allows a change, or None
         self.mask = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -192,6 +193,8 @@ class EditSampler(comfy.samplers.Sampler):
 
         def after_call(call, x):
             self.mask = editing.blend_mask(self.attention.blend, self.attention.plan, hw)
+            if self.region is not None:
+                self.mask = self.mask * regions.resize(self.region, hw).to(self.mask)
             comfy.model_management.throw_exception_if_processing_interrupted()
             pbar.update(1)
             return editing.local_blend(x, self.mask)
@@ -219,8 +222,11 @@ def run_inversion(model, positive, latent: torch.Tensor, steps: int, seed: int =
 
 
 def run_edit(model, prompts, plan: editing.EditPlan, start: torch.Tensor, from_photo: bool, steps: int,
-             cfg: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+             cfg: float, seed: int, region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both branches from ``start`` (host LATENT, one row): (latents (2, 4, h, w) host scale, mask (1, 1, h, w)).
+
+    ``region`` (H, W) restricts the local blend: a place changes only where both the blend words'
+    attention and the region allow it.
 
     From a photo, ``start`` is the inverted latent; otherwise a scene is generated from the
     seed's noise (the host's noise for that seed, shared by both branches, as LAVIS does).
@@ -230,7 +236,7 @@ def run_edit(model, prompts, plan: editing.EditPlan, start: torch.Tensor, from_p
     guider = EditGuider(attention.patch(model), guide_source=not from_photo)
     guider.set_conds(prompts.positive, prompts.negative)
     guider.set_cfg(cfg)
-    sampler = EditSampler(attention, steps, from_photo)
+    sampler = EditSampler(attention, steps, from_photo, region)
     pair = start.expand(2, -1, -1, -1).contiguous()
     if from_photo:
         noise, image = torch.zeros_like(pair), pair

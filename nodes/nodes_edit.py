@@ -13,7 +13,7 @@ from PIL import Image
 
 from comfy_api.latest import io
 
-from ..blip_core import editing
+from ..blip_core import editing, regions
 from ..blip_core.preprocess import resize_center_crop, to_uint8_rgb
 from . import host_edit
 from .types import SubjectType
@@ -178,6 +178,11 @@ class SubjectEdit(io.ComfyNode):
                 io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the blend words' peak attention a place needs to change "
                                        "(published 0.3; lower changes a larger region, e.g. 0.15 for clothes)."),
+                io.Mask.Input("region", optional=True,
+                              tooltip="Optional: where the edit may change the photo (white), e.g. drawn in the "
+                                      "mask editor or the same mask as a Subjects in Regions region. The edit then "
+                                      "changes only where both this region and the blend words allow it; with "
+                                      "blend_threshold 0 the region alone decides."),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited", tooltip="The scene with your subject."),
@@ -189,7 +194,7 @@ class SubjectEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, edit_prompts, latent, seed, steps, cfg, cross_replace, self_replace,
-                blend_threshold) -> io.NodeOutput:
+                blend_threshold, region=None) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.shape[0] != 1:
             _fail(f"Subject Edit takes one latent, got a batch of {samples.shape[0]}")
@@ -202,12 +207,15 @@ class SubjectEdit(io.ComfyNode):
                         "edit uses the same count", latent[INVERTED_KEY], steps)
         plan = edit_prompts.plan(steps, cross_replace, self_replace, blend_threshold)
         try:
-            latents, mask = host_edit.run_edit(model, edit_prompts, plan, samples, from_photo, steps, cfg, seed)
-        except editing.EditError as err:
+            allowed = None if region is None else regions.as_map(region, "region")
+            latents, mask = host_edit.run_edit(model, edit_prompts, plan, samples, from_photo, steps, cfg, seed,
+                                               allowed)
+        except (editing.EditError, regions.RegionError) as err:
             _fail(err)
         if mask is None or not mask.any():
-            log.warning("Subject Edit: the blend mask is empty (threshold %.2f): nothing of the scene was allowed "
-                        "to change; lower blend_threshold", blend_threshold)
+            log.warning("Subject Edit: the blend mask is empty (threshold %.2f%s): nothing of the scene was allowed "
+                        "to change; lower blend_threshold", blend_threshold,
+                        "" if region is None else ", inside the region")
             mask = torch.zeros(1, 1, *samples.shape[-2:]) if mask is None else mask
         h, w = samples.shape[-2:]
         image_mask = torch.nn.functional.interpolate(mask.float().cpu(), size=(h * 8, w * 8))[:, 0]
