@@ -39,7 +39,8 @@ BROWSER_DIR = ROOT / "tests" / "browser"
 DRIVER = BROWSER_DIR / "drive.mjs"
 CHROMIUM = os.environ.get("BLIP_CHROMIUM", "/usr/bin/chromium")
 # The README's pictures of shipped workflows, as the frontend draws them
-SCREENSHOTS = {name: ROOT / "docs" / "images" / f"{name}_graph.png" for name in ("zero_shot", "edit_photo")}
+SCREENSHOTS = {name: ROOT / "docs" / "images" / f"{name}_graph.png"
+               for name in ("zero_shot", "edit_photo", "two_subjects")}
 SCREENSHOT_SIZE = (1600, 900)
 THUMBNAIL_SIZE = (640, 360)  # example_workflows/<name>.jpg, the template browser's card for <name>.json
 THUMBNAIL_CROP_TOP = 36  # the frontend's tab bar
