@@ -4,6 +4,9 @@ Record states: ``queued`` (a prompt id was chosen and written here *before* the 
 posted, so a crash at any point leaves the id behind for the next run to look up on the host),
 ``done`` (outputs downloaded, file names listed), ``failed`` (with the error message).
 Items of the batch file without a record are pending.
+
+A record changes only through the transition methods of ``Manifest`` (``pending``, ``queued``,
+``done``, ``failed``, ...): each sets the state's fields and drops those the new state makes stale.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 NAME = "manifest.json"
 VERSION = 1
+PENDING, QUEUED, DONE, FAILED = "pending", "queued", "done", "failed"
 
 
 def now_iso() -> str:
@@ -68,26 +72,67 @@ class Manifest:
     def get(self, item_id: str) -> dict | None:
         return self.records.get(item_id)
 
-    def update(self, item_id: str, **fields) -> dict:
-        record = self.records.setdefault(item_id, {"id": item_id})
-        record.update(fields)
-        return record
+    def status(self, item_id: str) -> str | None:
+        return self.records.get(item_id, {}).get("status")
 
-    def forget(self, item_id: str, *keys: str) -> None:
-        for key in keys:
-            self.records.get(item_id, {}).pop(key, None)
+    # -- transitions (the caller saves) --------------------------------------------------------
+    def _enter(self, item_id: str, status: str, drop: tuple[str, ...] = (), **fields) -> None:
+        record = self.records.setdefault(item_id, {"id": item_id})
+        record.update(status=status, **fields)
+        for key in drop:
+            record.pop(key, None)
+
+    def pending(self, item_id: str) -> None:
+        """To be queued by this run: a new item, a failed one tried again, a record without a prompt id."""
+        self._enter(item_id, PENDING, drop=("error",))
+
+    def queued(self, item_id: str, source: str, params: dict) -> str:
+        """About to be posted; returns the prompt id to post it under.
+
+        The same id again only when the record is still queued (it was recorded, then the tool died or
+        the host forgot it: the host never ran it); anything else gets a new id and counts an attempt.
+        """
+        record = self.records.get(item_id) or {}
+        reuse = record.get("status") == QUEUED and record.get("prompt_id")
+        prompt_id = record["prompt_id"] if reuse else str(uuid.uuid4())
+        self._enter(item_id, QUEUED, drop=("error", "outputs", "finished_at", "render_seconds", "encoder_ran"),
+                    prompt_id=prompt_id, queued_at=now_iso(),
+                    attempts=record.get("attempts", 0) + (0 if reuse else 1), source=source, params=params)
+        return prompt_id
+
+    def posted_as(self, item_id: str, prompt_id: str) -> None:
+        """The host took the prompt under an id of its own (hosts too old to take the client's)."""
+        self.records[item_id]["prompt_id"] = prompt_id
+
+    def cancelled(self, item_id: str) -> None:
+        """Taken off the host's queue before it started (Ctrl-C): the next run queues it under a new id."""
+        self._enter(item_id, PENDING, drop=("prompt_id", "queued_at"))
+
+    def done(self, item_id: str, outputs: list[str], render_seconds: float | None, encoder_ran: bool,
+             host_outputs: list[dict]) -> None:
+        """Its images are downloaded into the output folder as ``outputs``."""
+        self._enter(item_id, DONE, drop=("error",), outputs=outputs, finished_at=now_iso(),
+                    render_seconds=render_seconds, encoder_ran=encoder_ran, host_outputs=host_outputs)
+
+    def failed(self, item_id: str, error: str, **about) -> None:
+        """It cannot be rendered as it stands; ``about``: the item's ``source`` and ``params`` when known."""
+        self._enter(item_id, FAILED, error=error, finished_at=now_iso(), **about)
+
+    def outputs_lost(self, item_id: str) -> None:
+        """Done, but its images are gone here and on the host: render it again under a new prompt id."""
+        self._enter(item_id, PENDING, drop=("prompt_id", "error", "outputs"))
 
     def summary(self) -> dict:
-        counts = {"total": len(self.order), "done": 0, "failed": 0, "queued": 0, "pending": 0}
+        counts = {"total": len(self.order), DONE: 0, FAILED: 0, QUEUED: 0, PENDING: 0}
         for item_id in self.order:
-            status = self.records.get(item_id, {}).get("status", "pending")
-            counts[status if status in counts else "pending"] += 1
+            status = self.records.get(item_id, {}).get("status", PENDING)
+            counts[status if status in counts else PENDING] += 1
         return counts
 
     def save(self) -> None:
         self.header["updated"] = now_iso()
         current = set(self.order)
-        items = [self.records.get(i) or {"id": i, "status": "pending"} for i in self.order]
+        items = [self.records.get(i) or {"id": i, "status": PENDING} for i in self.order]
         items += [r for i, r in self.records.items() if i not in current]  # earlier batch files' items
         data = {**self.header, "summary": self.summary(), "items": items}
         atomic_write(self.path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode())

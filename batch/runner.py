@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from collections import OrderedDict, deque
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import requests
 from ..api.client import PromptRejected
 from ..api.history import PromptHistory
 from .host import BatchClient, Events, HostUnreachable, rejection_message
-from .manifest import Manifest, atomic_write, now_iso
+from .manifest import DONE, FAILED, PENDING, QUEUED, Manifest, atomic_write
 from .progress import Progress
 from .spec import Item
 from .template import Template
@@ -99,19 +98,18 @@ class Runner:
         for item_id in self.order:
             rec = self.manifest.get(item_id) or {}
             status = rec.get("status")
-            if status == "done":
+            if status == DONE:
                 if self._outputs_exist(rec):
                     continue
                 if rec.get("prompt_id"):
                     recover.append(item_id)  # files gone: fetch them again from the host if it still has them
                     continue
-            elif status == "failed" and not self.retry_failed:
+            elif status == FAILED and not self.retry_failed:
                 continue
-            elif status == "queued" and rec.get("prompt_id"):
+            elif status == QUEUED and rec.get("prompt_id"):
                 recover.append(item_id)
                 continue
-            self.manifest.update(item_id, status="pending")
-            self.manifest.forget(item_id, "error")
+            self.manifest.pending(item_id)
         adopted = collected = 0
         if recover:
             running, pending = self.client.queue_state()
@@ -121,16 +119,15 @@ class Runner:
                     self.inflight[pid] = item_id
                     adopted += 1
                     continue
-                was_done = self.manifest.get(item_id).get("status") == "done"
+                was_done = self.manifest.status(item_id) == DONE
                 entry = self.client.finished(pid)
                 if entry is not None and self._finalize(pid, entry, item_id, quiet=True):
                     collected += 1
                 elif was_done:  # its files are gone here and on the host: render it again
-                    self.manifest.update(item_id, status="pending")
-                    self.manifest.forget(item_id, "prompt_id", "error", "outputs")
+                    self.manifest.outputs_lost(item_id)
                 # else: queued, but the host never got it (killed before the post) or lost it
                 # (restarted): it never ran; it is posted again under the same prompt id.
-        self.todo = deque(i for i in self.order if self.manifest.get(i).get("status") in ("pending", "queued")
+        self.todo = deque(i for i in self.order if self.manifest.status(i) in (PENDING, QUEUED)
                           and self.manifest.get(i).get("prompt_id") not in self.inflight)
         self.stats["recovered"] = collected
         self.manifest.save()
@@ -149,7 +146,6 @@ class Runner:
     # -- one item ---------------------------------------------------------------------------
     def _submit(self, item_id: str) -> None:
         item = self.items[item_id]
-        rec = self.manifest.get(item_id) or {}
         if not item.image_path.is_file():
             self._fail(item_id, f"image not found: {item.image_path} (from {item.source})")
             return
@@ -165,14 +161,7 @@ class Runner:
             return
         prompt = self.template.fill(item, image_ref, self.model,
                                     f"blip_batch/{self.manifest.batch_id[:8]}/{item.id}")
-        # Same id again only when the host never saw it (it was recorded, then the tool died or the host
-        # forgot it); a failed item gets a new one.
-        reuse = rec.get("status") == "queued" and rec.get("prompt_id")
-        prompt_id = rec["prompt_id"] if reuse else str(uuid.uuid4())
-        self.manifest.update(item_id, status="queued", prompt_id=prompt_id, queued_at=now_iso(),
-                             attempts=rec.get("attempts", 0) + (0 if reuse else 1), source=item.source,
-                             params=item.params())
-        self.manifest.forget(item_id, "error", "outputs", "finished_at", "render_seconds", "encoder_ran")
+        prompt_id = self.manifest.queued(item_id, item.source, item.params())
         self.manifest.save()  # the prompt id is on disk before the host can run it
         try:
             host_id = self.client.post_prompt(prompt, prompt_id, {"blip_batch": {"batch": self.manifest.batch_id,
@@ -181,7 +170,7 @@ class Runner:
             self._fail(item_id, f"rejected by the host: {rejection_message(e.payload)}")
             return
         if host_id != prompt_id:  # an old host that picks its own ids: a crash right here could repeat it
-            self.manifest.update(item_id, prompt_id=host_id)
+            self.manifest.posted_as(item_id, host_id)
             self.manifest.save()
             prompt_id = host_id
         self.inflight[prompt_id] = item_id
@@ -189,7 +178,7 @@ class Runner:
     def _fail(self, item_id: str, message: str) -> None:
         item = self.items.get(item_id)
         extra = {"source": item.source, "params": item.params()} if item else {}
-        self.manifest.update(item_id, status="failed", error=message, finished_at=now_iso(), **extra)
+        self.manifest.failed(item_id, message, **extra)
         self.manifest.save()
         self.stats["failed_now"] += 1
         self.log(f"FAILED {item_id}: {message}")
@@ -231,9 +220,7 @@ class Runner:
         encoder = self.template.encoder_node
         encoder_ran = encoder is not None and encoder not in entry.cached_nodes()
         seconds = entry.execution_seconds()
-        self.manifest.update(item_id, status="done", outputs=names, finished_at=now_iso(), render_seconds=seconds,
-                             encoder_ran=encoder_ran, host_outputs=images)
-        self.manifest.forget(item_id, "error")
+        self.manifest.done(item_id, names, seconds, encoder_ran, images)
         self.manifest.save()
         self.stats["rendered"] += 1
         self.stats["encoder_runs"] += int(encoder_ran)
@@ -301,9 +288,7 @@ class Runner:
         for pid in ours:
             if pid in running or pid in pending or self.client.finished(pid) is not None:
                 continue  # it started before the delete: the next run collects it
-            item_id = self.inflight.pop(pid)
-            self.manifest.update(item_id, status="pending")
-            self.manifest.forget(item_id, "prompt_id", "queued_at")
+            self.manifest.cancelled(self.inflight.pop(pid))
             cancelled += 1
         self.manifest.save()
         left = len(self.inflight)
@@ -313,7 +298,7 @@ class Runner:
     # -- the end -----------------------------------------------------------------------------
     def _report(self, seconds: float) -> int:
         s = self.manifest.summary()
-        failed = [self.manifest.get(i) for i in self.order if self.manifest.get(i).get("status") == "failed"]
+        failed = [self.manifest.get(i) for i in self.order if self.manifest.status(i) == FAILED]
         subjects = len({self.items[i].subject_key for i in self.order})
         lines = [f"{s['done']}/{s['total']} done, {s['failed']} failed, {s['queued'] + s['pending']} left "
                  f"({self.stats['rendered']} rendered or collected this run in {seconds:.0f}s; subject encoder ran "

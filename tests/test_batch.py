@@ -246,6 +246,37 @@ def test_tool_runs_from_any_folder_without_torch(tmp_path):
     assert "dog" in proc.stdout and "seed 3" in proc.stdout
 
 
+def test_manifest_transitions_set_and_drop_their_fields(tmp_path):
+    """Each state change writes the record keys docs/batch.md lists for it and drops the stale ones."""
+    from blip_diffusion.batch.manifest import Manifest
+
+    m = Manifest(tmp_path).load()
+    m.order = ["a"]
+    about = {"source": "b.jsonl:1", "params": {"seed": 1}}
+    first = m.queued("a", **about)
+    assert m.get("a")["attempts"] == 1 and m.queued("a", **about) == first  # still queued: same id, same try
+    m.failed("a", "boom", **about)
+    assert m.get("a")["error"] == "boom" and m.get("a")["finished_at"] and m.get("a")["prompt_id"] == first
+    m.pending("a")
+    assert "error" not in m.get("a") and m.get("a")["status"] == "pending"
+    second = m.queued("a", **about)
+    assert second != first and m.get("a")["attempts"] == 2 and "finished_at" not in m.get("a")
+    m.posted_as("a", "host-id")
+    m.done("a", ["a.png"], 1.5, True, [{"filename": "x.png"}])
+    assert m.get("a") == {"id": "a", "status": "done", "prompt_id": "host-id", "queued_at": m.get("a")["queued_at"],
+                          "attempts": 2, **about, "outputs": ["a.png"], "finished_at": m.get("a")["finished_at"],
+                          "render_seconds": 1.5, "encoder_ran": True, "host_outputs": [{"filename": "x.png"}]}
+    m.outputs_lost("a")
+    assert m.get("a")["status"] == "pending" and not {"prompt_id", "outputs"} & m.get("a").keys()
+    m.queued("a", **about)
+    assert not {"finished_at", "render_seconds", "encoder_ran"} & m.get("a").keys()
+    m.cancelled("a")
+    assert m.get("a")["status"] == "pending" and not {"prompt_id", "queued_at"} & m.get("a").keys()
+    m.save()
+    assert json.loads((tmp_path / "manifest.json").read_text())["summary"] == {
+        "total": 1, "done": 0, "failed": 0, "queued": 0, "pending": 1}
+
+
 def test_history_entry_is_read_in_one_place():
     from blip_diffusion.api.history import PromptHistory
 
