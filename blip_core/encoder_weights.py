@@ -4,17 +4,19 @@ Three layouts are read:
   (a) the released diffusers-format ``qformer/`` folder: config.json + pytorch_model.bin
       (torch pickle, read only with ``weights_only=True``) or model.safetensors;
   (b) a LAVIS checkpoint folder: blip_model/blip_weight.pt + proj_layer/proj_weight.pt;
-  (c) one safetensors file with released key names and the config as JSON in the
-      metadata under "config" (written by :func:`save_single_file`).
-Loading is strict: missing, unexpected or wrongly shaped tensors raise a ValueError that
-names them. Structure is inferred from tensor shapes; config.json values override it
-where present.
+  (c) one safetensors file (or torch pickle) with released or LAVIS key names; a
+      safetensors file may carry the config as JSON in its metadata under "config".
+:func:`locate` decides once which layout a path holds and which files a load reads, so
+the checks before a load and the load itself see the same files. Loading is strict:
+missing, unexpected or wrongly shaped tensors raise a ValueError that names them.
+Structure is inferred from tensor shapes; config.json values override it where present.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -61,25 +63,13 @@ def _pattern(template: str) -> re.Pattern:
 _COMPILED = [(_pattern(a), a, _pattern(b), b) for a, b in _RULES]
 
 
-def _rename(key: str, to_lavis: bool) -> str | None:
+def rename(key: str, to_lavis: bool) -> str | None:
+    """A released key's LAVIS name, or (``to_lavis=False``) a LAVIS key's released name; None if no rule fits."""
     for released_re, released, lavis_re, lavis in _COMPILED:
         m = (released_re if to_lavis else lavis_re).match(key)
         if m:
             return (lavis if to_lavis else released).format(**m.groupdict())
     return None
-
-
-def to_lavis_state_dict(released: dict) -> dict:
-    """Released key names -> LAVIS BlipDiffusion names (``blip.*``, ``proj_layer.*``)."""
-    out = {}
-    for key, value in released.items():
-        new = _rename(key, to_lavis=True)
-        if new is None:
-            raise ValueError(f"no LAVIS name for {key!r}")
-        if key in ("visual_encoder.embeddings.class_embedding", "visual_encoder.embeddings.position_embedding"):
-            value = value.reshape(value.shape[-2:] if key.endswith("position_embedding") else value.shape[-1:])
-        out[new] = value
-    return out
 
 
 def from_lavis_state_dict(lavis: dict) -> dict:
@@ -90,7 +80,7 @@ def from_lavis_state_dict(lavis: dict) -> dict:
             key = "blip." + key  # blip_weight.pt holds names relative to the BLIP-2 module
         if LAVIS_IGNORED.match(key):
             continue
-        new = _rename(key, to_lavis=False)
+        new = rename(key, to_lavis=False)
         if new is None:
             unknown.append(key)
             continue
@@ -102,15 +92,6 @@ def from_lavis_state_dict(lavis: dict) -> dict:
     if unknown:
         raise ValueError(f"unexpected keys in LAVIS checkpoint ({len(unknown)}): {_few(unknown)}")
     return out
-
-
-def lavis_files(lavis: dict) -> dict:
-    """Split a :func:`to_lavis_state_dict` result into LAVIS's two files (module-relative names)."""
-    files = {path: {} for path in LAVIS_FILES.values()}
-    for key, value in lavis.items():
-        module, _, rest = key.partition(".")
-        files[LAVIS_FILES[module]][rest] = value
-    return files
 
 
 def _few(keys) -> str:
@@ -234,26 +215,53 @@ def _from_state_dict(sd: dict, source: str, overrides: dict | None = None, **kw)
 RELEASED_FILES = ("model.safetensors", "pytorch_model.bin")  # in qformer/, in this order of preference
 
 
-def _is_lavis_folder(folder: str) -> bool:
-    return all(os.path.isfile(os.path.join(folder, rel)) for rel in LAVIS_FILES.values())
+@dataclass(frozen=True)
+class Location:
+    """Which layout a path holds and the weights files its load reads (those that exist)."""
+    layout: str              # "released", "lavis" or "single"
+    path: str                # released: the qformer/ folder; lavis: the checkpoint folder; single: the file
+    files: tuple[str, ...]   # empty when there are none: the load then says what is missing
+
+
+def locate(path: str) -> Location:
+    """The layout at ``path``, recognised once: a LAVIS checkpoint folder, a released (model or
+    qformer/) folder, or one file."""
+    if not os.path.isdir(path):
+        return _single_file(path)
+    lavis = _lavis_folder(path)
+    return lavis if len(lavis.files) == len(LAVIS_FILES) else _released_folder(path)
+
+
+def _released_folder(folder: str) -> Location:
+    if os.path.isdir(os.path.join(folder, "qformer")):
+        folder = os.path.join(folder, "qformer")
+    found = [os.path.join(folder, n) for n in RELEASED_FILES if os.path.isfile(os.path.join(folder, n))]
+    return Location("released", folder, tuple(found[:1]))
+
+
+def _lavis_folder(folder: str) -> Location:
+    paths = [os.path.join(folder, rel) for rel in LAVIS_FILES.values()]
+    return Location("lavis", folder, tuple(p for p in paths if os.path.isfile(p)))
+
+
+def _single_file(path: str) -> Location:
+    return Location("single", path, (path,) if os.path.isfile(path) else ())
+
+
+def load(where: Location, **kw) -> SubjectEncoder:
+    """The encoder at a located path (``kw``: build_encoder's dtype and device; lavis: vision_layer_norm_eps)."""
+    read = {"released": _read_released, "lavis": _read_lavis, "single": _read_single}[where.layout]
+    return read(where, **kw)
+
+
+def load_subject_encoder(path: str, **kw) -> SubjectEncoder:
+    """Any of the supported layouts, recognised from the path."""
+    return load(locate(path), **kw)
 
 
 def load_released(folder: str, **kw) -> SubjectEncoder:
     """The released ``qformer/`` folder (or the model folder containing it)."""
-    if os.path.isdir(os.path.join(folder, "qformer")):
-        folder = os.path.join(folder, "qformer")
-    for name in RELEASED_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            break
-    else:
-        raise FileNotFoundError(f"{folder} has neither {' nor '.join(RELEASED_FILES)}")
-    config_path = os.path.join(folder, "config.json")
-    overrides = None
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            overrides = json.load(f)
-    return _from_state_dict(read_tensors(path), path, overrides, **kw)
+    return _read_released(_released_folder(folder), **kw)
 
 
 def load_lavis(folder: str, vision_layer_norm_eps: float = LAVIS_VISION_EPS, **kw) -> SubjectEncoder:
@@ -262,21 +270,40 @@ def load_lavis(folder: str, vision_layer_norm_eps: float = LAVIS_VISION_EPS, **k
     LAVIS has no config file: the structure comes from the shapes; its vision LayerNorms use
     eps 1e-5 unless ``vision_layer_norm_eps`` says otherwise.
     """
-    sd = {}
-    for module, rel in LAVIS_FILES.items():
-        path = os.path.join(folder, rel)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"LAVIS checkpoint folder {folder} lacks {rel}")
-        for key, value in read_tensors(path).items():
-            sd[key if key.startswith(module + ".") else f"{module}.{key}"] = value
-    overrides = {"vision_config": {"layer_norm_eps": vision_layer_norm_eps}}
-    return _from_state_dict(sd, folder, overrides, **kw)
+    return _read_lavis(_lavis_folder(folder), vision_layer_norm_eps, **kw)
 
 
 def load_single_file(path: str, **kw) -> SubjectEncoder:
     """One safetensors (or pickle) file; its "config" metadata, when present, sets the config."""
+    return _read_single(_single_file(path), **kw)
+
+
+def _read_released(where: Location, **kw) -> SubjectEncoder:
+    if not where.files:
+        raise FileNotFoundError(f"{where.path} has neither {' nor '.join(RELEASED_FILES)}")
+    config_path = os.path.join(where.path, "config.json")
     overrides = None
-    if path.endswith(".safetensors") and os.path.isfile(path):
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            overrides = json.load(f)
+    return _from_state_dict(read_tensors(where.files[0]), where.files[0], overrides, **kw)
+
+
+def _read_lavis(where: Location, vision_layer_norm_eps: float = LAVIS_VISION_EPS, **kw) -> SubjectEncoder:
+    sd = {}
+    for module, rel in LAVIS_FILES.items():
+        path = os.path.join(where.path, rel)
+        if path not in where.files:
+            raise FileNotFoundError(f"LAVIS checkpoint folder {where.path} lacks {rel}")
+        for key, value in read_tensors(path).items():
+            sd[key if key.startswith(module + ".") else f"{module}.{key}"] = value
+    overrides = {"vision_config": {"layer_norm_eps": vision_layer_norm_eps}}
+    return _from_state_dict(sd, where.path, overrides, **kw)
+
+
+def _read_single(where: Location, **kw) -> SubjectEncoder:
+    path, overrides = where.path, None
+    if path.endswith(".safetensors") and where.files:
         from safetensors import safe_open
         try:
             with safe_open(path, framework="pt") as f:
@@ -286,31 +313,3 @@ def load_single_file(path: str, **kw) -> SubjectEncoder:
         if "config" in meta:
             overrides = json.loads(meta["config"])
     return _from_state_dict(read_tensors(path), path, overrides, **kw)
-
-
-def load_subject_encoder(path: str, **kw) -> SubjectEncoder:
-    """Any of the supported layouts, recognised from the path."""
-    if os.path.isdir(path):
-        if _is_lavis_folder(path):
-            return load_lavis(path, **kw)
-        return load_released(path, **kw)
-    return load_single_file(path, **kw)
-
-
-def weight_files(path: str) -> list[str]:
-    """The weights files load_subject_encoder reads at ``path`` ([] where there are none), for cheap
-    checks before loading."""
-    if not os.path.isdir(path):
-        return [path] if os.path.isfile(path) else []
-    if _is_lavis_folder(path):
-        return [os.path.join(path, rel) for rel in LAVIS_FILES.values()]
-    if os.path.isdir(os.path.join(path, "qformer")):
-        path = os.path.join(path, "qformer")
-    return [os.path.join(path, n) for n in RELEASED_FILES if os.path.isfile(os.path.join(path, n))][:1]
-
-
-def save_single_file(encoder: SubjectEncoder, path: str) -> None:
-    """Layout (c): released key names, config JSON in the safetensors metadata."""
-    from safetensors.torch import save_file
-    sd = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    save_file(sd, path, metadata={"format": "pt", "config": json.dumps(encoder.config.to_dict())})

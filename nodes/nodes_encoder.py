@@ -51,9 +51,10 @@ def encoder_dtype(device) -> torch.dtype:
 
 def load_encoder(path: str, name: str, dtype: torch.dtype | None = None) -> EncoderHandle:
     """``dtype``: the compute type, by default the one the host's text-encoder device calls for."""
-    for file in encoder_weights.weight_files(path):
+    where = encoder_weights.locate(path)
+    for file in where.files:
         host_models.check_weights_file(file, f"subject encoder '{name}'")
-    encoder = encoder_weights.load_subject_encoder(path, dtype=torch.float32, device=mm.text_encoder_offload_device())
+    encoder = encoder_weights.load(where, dtype=torch.float32, device=mm.text_encoder_offload_device())
     return EncoderHandle(encoder, name, dtype or encoder_dtype(mm.text_encoder_device()))
 
 

@@ -35,6 +35,7 @@ from blip_diffusion.api.client import ExecutionFailed, PromptRejected
 from blip_diffusion.blip_core import encoder_weights
 from blip_diffusion.blip_core.subject import Subject
 from blip_diffusion.blip_core.subject_io import load_subject, save_subject
+from encoder_files import save_single_file
 from graphs import api_workflow, put_input_image, zero_shot
 from refenv import ROOT
 
@@ -125,7 +126,7 @@ def env(comfy_server, test_model_dir):
     other = encoder_weights.load_released(str(test_model_dir))
     with torch.no_grad():
         other.query_tokens.mul_(1.5)  # other weights: another fingerprint
-    encoder_weights.save_single_file(other, str(made(models / "bi_other_encoder.safetensors")))
+    save_single_file(other, str(made(models / "bi_other_encoder.safetensors")))
     del other
     _half_of(models / "bi_other_encoder.safetensors", made(models / "bi_truncated_encoder.safetensors"))
 

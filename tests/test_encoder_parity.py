@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 
 from blip_diffusion.blip_core.bert_tokenizer import default_tokenizer
 from blip_diffusion.blip_core.encoder_weights import (
-    LAVIS_FILES, lavis_files, load_lavis, load_released, load_single_file, load_subject_encoder,
-    read_tensors, save_single_file, to_lavis_state_dict)
+    LAVIS_FILES, load_lavis, load_released, load_single_file, load_subject_encoder, read_tensors)
 from blip_diffusion.blip_core.preprocess import CLIP_MEAN, CLIP_STD, preprocess
 from blip_diffusion.blip_core.subject_encoder import SubjectEncoderConfig
+from encoder_files import lavis_files, save_single_file, to_lavis_state_dict
 from refenv import run_reference
 
 TOL = 1e-5  # subject embedding, fp32 (noise floor of the reference itself ~4e-6)
