@@ -3,7 +3,9 @@
 Record states: ``queued`` (a prompt id was chosen and written here *before* the prompt was
 posted, so a crash at any point leaves the id behind for the next run to look up on the host),
 ``done`` (outputs downloaded, file names listed), ``failed`` (with the error message).
-Items of the batch file without a record are pending.
+Items of the batch file without a record are pending. ``server`` names the ComfyUI server a
+queued item was posted to (where the next run looks its prompt id up) and the one that rendered a
+done item; every transition back to pending clears it.
 
 A record changes only through the transition methods of ``Manifest`` (``pending``, ``queued``,
 ``done``, ``failed``, ...): each sets the state's fields and drops those the new state makes stale.
@@ -84,9 +86,9 @@ class Manifest:
 
     def pending(self, item_id: str) -> None:
         """To be queued by this run: a new item, a failed one tried again, a record without a prompt id."""
-        self._enter(item_id, PENDING, drop=("error",))
+        self._enter(item_id, PENDING, drop=("error", "server"))
 
-    def queued(self, item_id: str, source: str, params: dict) -> str:
+    def queued(self, item_id: str, source: str, params: dict, server: str | None = None) -> str:
         """About to be posted; returns the prompt id to post it under.
 
         The same id again only when the record is still queued (it was recorded, then the tool died or
@@ -95,9 +97,10 @@ class Manifest:
         record = self.records.get(item_id) or {}
         reuse = record.get("status") == QUEUED and record.get("prompt_id")
         prompt_id = record["prompt_id"] if reuse else str(uuid.uuid4())
-        self._enter(item_id, QUEUED, drop=("error", "outputs", "finished_at", "render_seconds", "encoder_ran"),
-                    prompt_id=prompt_id, queued_at=now_iso(),
-                    attempts=record.get("attempts", 0) + (0 if reuse else 1), source=source, params=params)
+        self._enter(item_id, QUEUED, drop=("error", "outputs", "finished_at", "render_seconds", "encoder_ran")
+                    + (() if server else ("server",)), prompt_id=prompt_id, queued_at=now_iso(),
+                    attempts=record.get("attempts", 0) + (0 if reuse else 1), source=source, params=params,
+                    **({"server": server} if server else {}))
         return prompt_id
 
     def posted_as(self, item_id: str, prompt_id: str) -> None:
@@ -106,21 +109,29 @@ class Manifest:
 
     def cancelled(self, item_id: str) -> None:
         """Taken off the host's queue before it started (Ctrl-C): the next run queues it under a new id."""
-        self._enter(item_id, PENDING, drop=("prompt_id", "queued_at"))
+        self._enter(item_id, PENDING, drop=("prompt_id", "queued_at", "server"))
+
+    def released(self, item_id: str) -> None:
+        """Back to the pool from a server that died, or that this run does not use: another server renders it
+        under a new prompt id (the old one belongs to that server; whatever it still makes of it is ignored)."""
+        self._enter(item_id, PENDING, drop=("prompt_id", "queued_at", "server", "outputs"))
 
     def done(self, item_id: str, outputs: list[str], render_seconds: float | None, encoder_ran: bool,
-             host_outputs: list[dict]) -> None:
-        """Its images are downloaded into the output folder as ``outputs``."""
+             host_outputs: list[dict], server: str | None = None) -> None:
+        """Its images are downloaded into the output folder as ``outputs``; ``server`` rendered them."""
         self._enter(item_id, DONE, drop=("error",), outputs=outputs, finished_at=now_iso(),
-                    render_seconds=render_seconds, encoder_ran=encoder_ran, host_outputs=host_outputs)
+                    render_seconds=render_seconds, encoder_ran=encoder_ran, host_outputs=host_outputs,
+                    **({"server": server} if server else {}))
 
-    def failed(self, item_id: str, error: str, **about) -> None:
-        """It cannot be rendered as it stands; ``about``: the item's ``source`` and ``params`` when known."""
-        self._enter(item_id, FAILED, error=error, finished_at=now_iso(), **about)
+    def failed(self, item_id: str, error: str, server: str | None = None, **about) -> None:
+        """It cannot be rendered as it stands; ``server``: the one that reported it (None: found here, before
+        any server); ``about``: the item's ``source`` and ``params`` when known."""
+        self._enter(item_id, FAILED, drop=() if server else ("server",), error=error, finished_at=now_iso(),
+                    **({"server": server} if server else {}), **about)
 
     def outputs_lost(self, item_id: str) -> None:
         """Done, but its images are gone here and on the host: render it again under a new prompt id."""
-        self._enter(item_id, PENDING, drop=("prompt_id", "error", "outputs"))
+        self._enter(item_id, PENDING, drop=("prompt_id", "error", "outputs", "server"))
 
     def summary(self) -> dict:
         counts = {"total": len(self.order), DONE: 0, FAILED: 0, QUEUED: 0, PENDING: 0}
