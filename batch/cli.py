@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from .graph import DEFAULT_WORKFLOW, TemplateError
+from .host import HostUnreachable
 from .manifest import FolderLock, Manifest
 from .runner import EXIT_HOST, EXIT_INTERRUPTED, EXIT_USAGE, Runner
 from .spec import BatchFileError, load_batch
@@ -28,8 +30,11 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="batch", description="Queued BLIP-Diffusion renders on a running ComfyUI.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("batch_file", type=Path, help="items to render (.jsonl, .json or .csv)")
-    ap.add_argument("--url", default=os.environ.get("COMFYUI_URL", "http://127.0.0.1:8188"),
-                    help="the ComfyUI host (default: $COMFYUI_URL or http://127.0.0.1:8188)")
+    ap.add_argument("--url", action="append", default=None,
+                    help="a ComfyUI server; repeat it to spread the batch over several (default: $COMFYUI_URL or "
+                         "http://127.0.0.1:8188)")
+    ap.add_argument("--urls-file", type=Path, default=None,
+                    help="a file of server URLs, one a line ('#' starts a comment); adds to --url")
     ap.add_argument("--out", type=Path, required=True, help="folder for the images and manifest.json")
     ap.add_argument("--workflow", type=Path, default=None,
                     help="your own API workflow (Export (API)) to render each item with; what it fills is found by the "
@@ -41,18 +46,32 @@ def parse_args(argv):
     ap.add_argument("--size", help="N or WxH for items that give none (default: the workflow's)")
     ap.add_argument("--cfg", type=float, help="guidance scale for items that give none (default: the workflow's)")
     ap.add_argument("--negative", help="negative prompt for items that give none (default: the workflow's)")
-    ap.add_argument("--ahead", type=int, default=3, help="prompts kept queued on the host at once (default 3)")
+    ap.add_argument("--ahead", type=int, default=3,
+                    help="prompts kept queued on each server at once (default 3)")
     ap.add_argument("--no-retry-failed", action="store_true", help="on resume, leave items that failed before")
     ap.add_argument("--keep-queued", action="store_true",
                     help="on Ctrl-C leave queued prompts on the host (the next run collects them) "
                          "instead of taking them off its queue")
     ap.add_argument("--retry-for", type=float, default=120.0,
-                    help="seconds to keep retrying an unreachable host before stopping (default 120)")
+                    help="seconds a server may not answer before its prompts go to the other servers; the run "
+                         "stops when every server has not answered that long (default 120)")
     ap.add_argument("--force", action="store_true",
                     help="resume in a folder whose earlier renders used another workflow or model")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     ap.add_argument("--dry-run", action="store_true", help="list the items in queue order and exit")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    urls = list(a.url or [])
+    if a.urls_file is not None:
+        try:
+            lines = a.urls_file.read_text().splitlines()
+        except OSError as e:
+            ap.error(f"--urls-file: {e}")
+        urls += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+    if not urls:
+        urls = [os.environ.get("COMFYUI_URL", "http://127.0.0.1:8188")]
+    a.urls = list(dict.fromkeys(u.rstrip("/") for u in urls))  # one lane per server, in the order given
+    a.url = a.urls[0]
+    return a
 
 
 def err(line: str) -> None:
@@ -113,42 +132,91 @@ def main(argv=None) -> int:
         lock.release()
 
 
+def _first_answer(clients, retry_for: float):
+    """The servers that answer now; when none does, keep knocking for ``retry_for`` seconds."""
+    from .runner import LaneTrouble
+
+    deadline = time.monotonic() + retry_for
+    while True:
+        up, last = [], None
+        for client in clients:
+            try:
+                client.get("/system_stats")
+                up.append(client)
+            except LaneTrouble as e:
+                last = e
+        if up or time.monotonic() >= deadline:
+            return up, last
+        time.sleep(2.0)
+
+
+def _resolve_model(client, template: Template, model: str | None) -> str | None:
+    """The model folder the loader takes, from --model, the workflow, or the server's only one."""
+    if not template.has("model"):
+        return model
+    loader = template.loader_class()
+    available = client.loader_models(loader)
+    if available is None:
+        raise UsageError(f"the host at {client.url} has no {loader} node: install this pack in its custom_nodes/")
+    wanted = model or template.value("model")
+    if wanted in available:
+        return wanted
+    if model is None and len(available) == 1:
+        err(f"note: using the host's only model {available[0]!r} (the workflow names {wanted!r})")
+        return available[0]
+    raise UsageError(f"model {wanted!r} is not on the host; it has {available or 'none'} (use --model)")
+
+
+def _host_problem(client, template: Template, model: str | None) -> str | None:
+    """Why this server cannot render the batch (no pack, not the model); None when it can. Warns about
+    a server that caches nothing."""
+    if template.has("model"):
+        loader = template.loader_class()
+        available = client.loader_models(loader)
+        if available is None:
+            return f"it has no {loader} node: install this pack in its custom_nodes/"
+        if model not in available:
+            return f"model {model!r} is not on it; it has {available or 'none'}"
+    try:
+        argv = (client.get("/system_stats").json().get("system") or {}).get("argv") or []
+    except HostUnreachable:
+        raise
+    except Exception:  # noqa: BLE001 - only for a warning
+        argv = []
+    if "--cache-none" in argv:
+        err(f"warning: the host {client.url} runs with --cache-none: every render encodes its subject again")
+    return None
+
+
+class UsageError(Exception):
+    pass
+
+
 def _run(a, template: Template, items) -> int:
     import requests
 
-    from .host import BatchClient, HostUnreachable
+    from .host import BatchClient
+    from .runner import Lane
 
     try:
         manifest = Manifest(a.out).load()
     except RuntimeError as e:
         err(f"error: {e}")
         return EXIT_USAGE
-    client = BatchClient(a.url, manifest.batch_id, retry_for=a.retry_for)
+    clients = [BatchClient(url, manifest.batch_id, retry_for=0) for url in a.urls]
     model = a.model
     try:
-        if template.has("model"):
-            loader = template.loader_class()
-            available = client.loader_models(loader)
-            if available is None:
-                err(f"error: the host at {a.url} has no {loader} node: install this pack in its custom_nodes/")
-                return EXIT_USAGE
-            wanted = model or template.value("model")
-            if wanted not in available:
-                if model is None and len(available) == 1:
-                    model = available[0]
-                    err(f"note: using the host's only model {model!r} (the workflow names {wanted!r})")
-                else:
-                    err(f"error: model {wanted!r} is not on the host; it has {available or 'none'} (use --model)")
-                    return EXIT_USAGE
-            model = model or wanted
-        try:
-            argv = (client.get("/system_stats").json().get("system") or {}).get("argv") or []
-        except HostUnreachable:
-            raise
-        except Exception:  # noqa: BLE001 - only for a warning
-            argv = []
-        if "--cache-none" in argv:
-            err("warning: the host runs with --cache-none: every render encodes its subject again")
+        up, last = _first_answer(clients, a.retry_for)
+        if not up:
+            raise HostUnreachable(f"{', '.join(a.urls)} did not answer for {a.retry_for:.0f}s: {last}")
+        model = _resolve_model(up[0], template, model)
+        for client in up:
+            problem = _host_problem(client, template, model)
+            if problem:
+                raise UsageError(f"the host at {client.url} cannot render this batch: {problem}")
+    except UsageError as e:
+        err(f"error: {e}")
+        return EXIT_USAGE
     except (HostUnreachable, requests.RequestException) as e:
         err(f"error: cannot talk to the host: {e}")
         return EXIT_HOST
@@ -161,10 +229,18 @@ def _run(a, template: Template, items) -> int:
             f"(sha256 {str(earlier.get('workflow_sha256'))[:12]}) and model {earlier.get('model')!r}; now "
             f"{template.path} (sha256 {template.sha256[:12]}) and {model!r}. Use another --out, or --force.")
         return EXIT_USAGE
-    manifest.header.update(batch_file=str(a.batch_file.resolve()), host=a.url, template=fingerprint)
-    runner = Runner(client, manifest, items, template, model, a.out, ahead=a.ahead,
+    manifest.header.update(batch_file=str(a.batch_file.resolve()), host=a.url, servers=a.urls, template=fingerprint)
+    answered = {client.url for client in up}
+    lanes = []
+    for url in a.urls:
+        down = url not in answered
+        if down:
+            err(f"warning: {url} does not answer; it is used when it does")
+        lanes.append(Lane(url, manifest.batch_id, down=down,
+                          check=(lambda c: _host_problem(c, template, model)) if down else None))
+    runner = Runner(lanes, manifest, items, template, model, a.out, ahead=a.ahead,
                     retry_failed=not a.no_retry_failed, cancel_on_stop=not a.keep_queued,
-                    progress=not a.no_progress, log=err)
-    err(f"batch {manifest.batch_id[:8]}: {len(items)} item(s) -> {a.out} on {a.url}")
+                    progress=not a.no_progress, log=err, retry_for=a.retry_for)
+    where = a.url if len(a.urls) == 1 else f"{len(a.urls)} servers ({', '.join(a.urls)})"
+    err(f"batch {manifest.batch_id[:8]}: {len(items)} item(s) -> {a.out} on {where}")
     return runner.run()
-

@@ -10,6 +10,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.total, self.n = total, initial
         self.status = ""
+        self.servers = ""  # several servers: each one's count and rate
         self._bar = None
         self._tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self._last_draw = 0.0
@@ -25,8 +26,19 @@ class Progress:
     def set_status(self, text: str) -> None:
         """What runs now, e.g. ``dog-s1-0a1b2c sample 3/25``."""
         self.status = text
+        self._show()
+
+    def set_servers(self, text: str) -> None:
+        """Each server's share and rate, e.g. ``gpu1:8188 12 (3.1/min), gpu2:8188 down``."""
+        self.servers = text
+        self._show()
+
+    def _text(self) -> str:
+        return " | ".join(t for t in (self.servers, self.status) if t)
+
+    def _show(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(text, refresh=False)
+            self._bar.set_postfix_str(self._text(), refresh=False)
             if time.monotonic() - self._last_draw > 0.2:
                 self._bar.refresh()
                 self._last_draw = time.monotonic()
@@ -57,7 +69,7 @@ class Progress:
         self._last_draw = time.monotonic()
         width = 30
         filled = int(width * self.n / self.total) if self.total else width
-        self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} {self.status}"[:200])
+        self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} {self._text()}"[:200])
         self.stream.flush()
 
     def close(self) -> None:

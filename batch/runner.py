@@ -1,9 +1,16 @@
-"""The batch loop: queue items a few ahead, follow them over /ws, collect outputs, keep the manifest.
+"""The batch loop: queue items a few ahead on each server, follow them over /ws, collect outputs, keep the manifest.
+
+Several servers are fed by pull: each keeps ``ahead`` prompts queued and takes the next item from the
+pool when one finishes; a server keeps the subject it has (its cache holds the encoded subject) while
+that subject has items left. A server that stops answering is down: its prompts stay its own for
+``retry_for`` seconds (it may come back), then go back to the pool for the others; a server that
+answers again is used again. Only when every server has been down for ``retry_for`` does the run stop.
 
 Resume rules (see docs/batch.md): a ``done`` item whose files exist is skipped; a ``queued``
-item's prompt id is looked up on the host (still queued or running: wait for it; finished:
-collect it; unknown to the host: post it again under the same id, it never ran); ``failed``
-items are tried again unless --no-retry-failed; everything else is queued.
+item's prompt id is looked up on the server the manifest names (still queued or running: wait for
+it; finished: collect it; unknown to it: post it again under the same id, it never ran); a queued
+item whose server is not in this run goes back to the pool under a new id; ``failed`` items are
+tried again unless --no-retry-failed; everything else is queued.
 """
 from __future__ import annotations
 
@@ -23,28 +30,103 @@ from .spec import Item
 from .template import Template
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+PROBE_EVERY = 2.0  # seconds between two knocks on a server that is down
+
+LaneTrouble = (HostUnreachable, requests.RequestException)
+
+
+def server_label(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+class Lane:
+    """One ComfyUI server of the run: its client, its /ws stream, the prompts it holds, whether it answers."""
+
+    def __init__(self, url: str, client_id: str, check=None, down: bool = False):
+        self.url = url.rstrip("/")
+        self.label = server_label(self.url)
+        self.client = BatchClient(self.url, client_id, retry_for=0)  # one try: the run decides what a failure means
+        self.events = Events(self.url, client_id)
+        self.inflight: OrderedDict[str, str] = OrderedDict()  # prompt id -> item id, in queue order
+        self.finishing: set[str] = set()  # prompt ids the host said ended; their history may lag
+        self.subject = None  # the subject of the items it was last given
+        self.check = check  # run when it first answers: None if it can render the batch, else why not
+        self.retired = False
+        self.down_since = time.monotonic() if down else None
+        self.next_probe = 0.0
+        self.last_poll = 0.0
+        self.released: list[str] = []  # prompt ids given to other servers while it was down
+        self.rendered = 0
+        self.busy_since: float | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None and not self.retired
+
+    def rate(self) -> float:
+        """Items per minute since it got its first item in this run."""
+        if not self.rendered or self.busy_since is None:
+            return 0.0
+        return 60.0 * self.rendered / max(time.monotonic() - self.busy_since, 1e-6)
+
+
+class Pool:
+    """Items waiting for a server, grouped by subject, subjects in queue order."""
+
+    def __init__(self, subject_of):
+        self.subject_of = subject_of
+        self.groups: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def add(self, item_id: str, front: bool = False) -> None:
+        key = self.subject_of(item_id)
+        group = self.groups.setdefault(key, deque())
+        if front:
+            group.appendleft(item_id)
+            self.groups.move_to_end(key, last=False)
+        else:
+            group.append(item_id)
+
+    def take(self, lane: Lane, held: set) -> str:
+        """The next item for ``lane``: its own subject's; else a subject no other busy server holds; else a
+        share of the subject with the most items left (an idle server helps rather than waits)."""
+        key = lane.subject if lane.subject in self.groups else None
+        if key is None:
+            key = next((k for k in self.groups if k not in held), None)
+        if key is None:
+            key = max(self.groups, key=lambda k: len(self.groups[k]))
+        group = self.groups[key]
+        item_id = group.popleft()
+        if not group:
+            del self.groups[key]
+        lane.subject = key
+        return item_id
 
 
 class Runner:
-    def __init__(self, client: BatchClient, manifest: Manifest, items: list[Item], template: Template,
+    def __init__(self, lanes: list[Lane], manifest: Manifest, items: list[Item], template: Template,
                  model: str | None, out_dir: Path, ahead: int = 3, retry_failed: bool = True,
-                 cancel_on_stop: bool = True, progress: bool = True, log=None):
-        self.client, self.manifest, self.template, self.model = client, manifest, template, model
+                 cancel_on_stop: bool = True, progress: bool = True, log=None, retry_for: float = 120.0):
+        self.lanes, self.manifest, self.template, self.model = lanes, manifest, template, model
+        self.by_url = {lane.url: lane for lane in lanes}
         self.items = {item.id: item for item in items}
         self.order = [item.id for item in items]
         self.out_dir = Path(out_dir)
         self.ahead = max(1, ahead)
         self.retry_failed, self.cancel_on_stop = retry_failed, cancel_on_stop
+        self.retry_for = retry_for
         self.progress_enabled = progress
         self.log_fn = log
-        self.events = Events(client.url, client.client_id)
-        self.inflight: OrderedDict[str, str] = OrderedDict()  # prompt id -> item id, in queue order
-        self.finishing: set[str] = set()  # prompt ids the host said ended; their history may lag
-        self.todo: deque[str] = deque()
+        self.pool = Pool(lambda item_id: self.items[item_id].subject_key)
         self.stop_requested = False
         self.bar: Progress | None = None
         self.stats = {"rendered": 0, "recovered": 0, "failed_now": 0, "encoder_runs": 0}
-        self._last_poll = 0.0
+        self.several = len(lanes) > 1
         manifest.order = list(self.order)
 
     # -- output --------------------------------------------------------------------------
@@ -54,6 +136,9 @@ class Runner:
         elif self.log_fn:
             self.log_fn(line)
 
+    def _inflight(self) -> int:
+        return sum(len(lane.inflight) for lane in self.lanes)
+
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -62,12 +147,12 @@ class Runner:
         started = time.monotonic()
         try:
             self._reconcile()
-            self.bar = Progress(len(self.order), len(self.order) - len(self.todo) - len(self.inflight),
+            self.bar = Progress(len(self.order), len(self.order) - len(self.pool) - self._inflight(),
                                 enabled=self.progress_enabled)
             self._loop()
             if self.stop_requested:
                 self._wind_down()
-        except (HostUnreachable, requests.RequestException) as e:
+        except LaneTrouble as e:
             self.manifest.save()
             self.log(f"error: lost the host: {e}")
             self.log("the manifest is saved; run the same command again to resume")
@@ -76,7 +161,8 @@ class Runner:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.events.close()
+            for lane in self.lanes:
+                lane.events.close()
         self.manifest.save()
         self._close()
         return self._report(time.monotonic() - started)
@@ -92,8 +178,26 @@ class Runner:
         self.stop_requested = True
         self.log("stopping (again to quit at once): no new prompts; the manifest keeps what is queued")
 
+    def _guard(self, lane: Lane, fn, *args) -> bool:
+        """Run ``fn``; a server that does not answer is marked down instead of ending the run."""
+        try:
+            fn(*args)
+            return True
+        except LaneTrouble as e:
+            self._lane_down(lane, e)
+            return False
+
+    def _lane_down(self, lane: Lane, error) -> None:
+        if lane.down_since is None:
+            lane.down_since = time.monotonic()
+            lane.next_probe = lane.down_since + PROBE_EVERY
+            lane.events.close()
+            self.log(f"server {lane.label} does not answer ({str(error)[:160]}); "
+                     f"{len(lane.inflight)} prompt(s) wait for it up to {self.retry_for:.0f}s")
+
+    # -- resume ----------------------------------------------------------------------------
     def _reconcile(self) -> None:
-        """Sort the batch's items into skip / adopt from the host / queue, from the manifest."""
+        """Sort the batch's items into skip / adopt from a server / queue, from the manifest."""
         recover = []
         for item_id in self.order:
             rec = self.manifest.get(item_id) or {}
@@ -110,41 +214,138 @@ class Runner:
                 recover.append(item_id)
                 continue
             self.manifest.pending(item_id)
-        adopted = collected = 0
-        if recover:
-            running, pending = self.client.queue_state()
-            for item_id in recover:
-                pid = self.manifest.get(item_id)["prompt_id"]
-                if pid in running or pid in pending:
-                    self.inflight[pid] = item_id
-                    adopted += 1
-                    continue
-                was_done = self.manifest.status(item_id) == DONE
-                entry = self.client.finished(pid)
-                if entry is not None and self._finalize(pid, entry, item_id, quiet=True):
-                    collected += 1
-                elif was_done:  # its files are gone here and on the host: render it again
-                    self.manifest.outputs_lost(item_id)
-                # else: queued, but the host never got it (killed before the post) or lost it
-                # (restarted): it never ran; it is posted again under the same prompt id.
-        self.todo = deque(i for i in self.order if self.manifest.status(i) in (PENDING, QUEUED)
-                          and self.manifest.get(i).get("prompt_id") not in self.inflight)
-        self.stats["recovered"] = collected
+        counts = {"adopted": 0, "collected": 0, "elsewhere": 0}
+        queues: dict[str, tuple[set, set]] = {}
+        for item_id in recover:
+            self._recover(item_id, queues, counts)
+        held = {pid for lane in self.lanes for pid in lane.inflight}
+        for item_id in self.order:
+            rec = self.manifest.get(item_id)
+            if rec["status"] in (PENDING, QUEUED) and rec.get("prompt_id") not in held:
+                self.pool.add(item_id)
+        self.stats["recovered"] = counts["collected"]
         self.manifest.save()
         s = self.manifest.summary()
         if recover or s["done"]:
-            self.log(f"resuming: {s['done']} done, {collected} collected from the host, {adopted} still queued "
-                     f"there, {len(self.todo)} to queue")
+            moved = f", {counts['elsewhere']} queued on a server not in this run (queued again)" \
+                if counts["elsewhere"] else ""
+            self.log(f"resuming: {s['done']} done, {counts['collected']} collected from the host, "
+                     f"{counts['adopted']} still queued there{moved}, {len(self.pool)} to queue")
 
+    def _recover(self, item_id: str, queues: dict, counts: dict) -> None:
+        """A queued item (or a done one whose files are gone): look its prompt id up where it was posted."""
+        rec = self.manifest.get(item_id)
+        pid, server, was_done = rec["prompt_id"], rec.get("server"), rec["status"] == DONE
+        if server and server.rstrip("/") not in self.by_url:
+            # its prompt id means nothing to the servers of this run: render it here under a new id
+            self.manifest.released(item_id)
+            counts["elsewhere"] += not was_done
+            return
+        # where it was posted; an older manifest names no server: ask each
+        lanes = [self.by_url[server.rstrip("/")]] if server else self.lanes
+        for lane in lanes:
+            if not lane.up:
+                if server:  # it may come back within --retry-for; else the item goes back to the pool
+                    lane.inflight[pid] = item_id
+                    return
+                continue
+            try:
+                if lane.url not in queues:
+                    queues[lane.url] = lane.client.queue_state()
+                running, pending = queues[lane.url]
+                if pid in running or pid in pending:
+                    lane.inflight[pid] = item_id
+                    counts["adopted"] += 1
+                    return
+                entry = lane.client.finished(pid)
+                if entry is not None:
+                    if self._finalize(lane, pid, entry, item_id, quiet=True):
+                        counts["collected"] += 1
+                    return
+            except LaneTrouble as e:
+                self._lane_down(lane, e)
+                if server:
+                    lane.inflight[pid] = item_id
+                    return
+        if was_done:  # its files are gone here and on the host: render it again
+            self.manifest.outputs_lost(item_id)
+        # else: queued, but the host never got it (killed before the post) or lost it (restarted):
+        # it never ran, so it is posted again under the same prompt id.
+
+    # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        while (self.todo or self.inflight) and not self.stop_requested:
-            while self.todo and len(self.inflight) < self.ahead and not self.stop_requested:
-                self._submit(self.todo.popleft())
-            if self.inflight and not self.stop_requested:
+        while (self.pool or self._inflight()) and not self.stop_requested:
+            self._check_lanes()
+            for lane in self.lanes:
+                while self.pool and lane.up and len(lane.inflight) < self.ahead and not self.stop_requested:
+                    held = {other.subject for other in self.lanes if other is not lane and other.up and other.inflight}
+                    item_id = self.pool.take(lane, held)
+                    self._guard(lane, self._submit, lane, item_id)
+            if not self.stop_requested:
                 self._wait_step()
 
+    def _check_lanes(self) -> None:
+        """Knock on servers that are down; give their prompts to the others after --retry-for; stop when all
+        of them have been down that long."""
+        now = time.monotonic()
+        for lane in self.lanes:
+            if lane.down_since is None or lane.retired or now < lane.next_probe:
+                continue
+            lane.next_probe = now + PROBE_EVERY
+            try:
+                lane.client.queue_state()
+            except LaneTrouble:
+                continue
+            self._lane_up(lane)
+        live = [lane for lane in self.lanes if not lane.retired]
+        if not live:
+            raise HostUnreachable("no server of this run can render the batch")
+        if all(lane.down_since is not None and now - lane.down_since >= self.retry_for for lane in live):
+            raise HostUnreachable(f"{', '.join(lane.url for lane in live)} did not answer for {self.retry_for:.0f}s")
+        if not any(lane.up for lane in live):
+            return  # nobody to give the prompts to: they stay where they are, the run may still end with 3
+        for lane in live:
+            if lane.inflight and lane.down_since is not None and now - lane.down_since >= self.retry_for:
+                self._release(lane, f"down for {now - lane.down_since:.0f}s")
+
+    def _release(self, lane: Lane, why: str) -> None:
+        """Its prompts go back to the pool (front), each under a new prompt id on whichever server takes it."""
+        moved = list(lane.inflight.items())
+        for pid, item_id in reversed(moved):
+            if self.manifest.status(item_id) in (QUEUED, DONE):
+                self.manifest.released(item_id)
+            self.pool.add(item_id, front=True)
+        lane.released += [pid for pid, _ in moved]
+        lane.inflight.clear()
+        lane.finishing.clear()
+        self.manifest.save()
+        self.log(f"server {lane.label} {why}: its {len(moved)} prompt(s) go to the other server(s)")
+
+    def _lane_up(self, lane: Lane) -> None:
+        if lane.check is not None:  # first answer of a server that was down at the start
+            try:
+                problem = lane.check(lane.client)
+            except LaneTrouble:
+                return
+            lane.check = None
+            if problem:
+                lane.retired = True
+                self.log(f"server {lane.label} is not used: {problem}")
+                if lane.inflight:
+                    self._release(lane, "is not used")
+                return
+        lane.down_since = None
+        self.log(f"server {lane.label} answers again" if lane.rendered or lane.released
+                 else f"server {lane.label} answers")
+        if lane.released:  # whatever of ours it still holds was given to others: take it off its queue
+            try:
+                lane.client.delete_pending(lane.released)
+            except LaneTrouble:
+                pass
+            lane.released = []
+
     # -- one item ---------------------------------------------------------------------------
-    def _submit(self, item_id: str) -> None:
+    def _submit(self, lane: Lane, item_id: str) -> None:
         item = self.items[item_id]
         if not item.image_path.is_file():
             self._fail(item_id, f"image not found: {item.image_path} (from {item.source})")
@@ -153,35 +354,40 @@ class Runner:
             self._fail(item_id, f"cannot read image {item.image_path} (from {item.source})")
             return
         try:
-            image_ref = self.client.upload_image(item.image_path, item.image_sha256)
-        except HostUnreachable:
+            image_ref = lane.client.upload_image(item.image_path, item.image_sha256)
+        except LaneTrouble:
+            self.pool.add(item_id, front=True)
             raise
         except Exception as e:  # noqa: BLE001 - recorded per item
-            self._fail(item_id, f"upload failed: {e}")
+            self._fail(item_id, f"upload failed: {e}", lane)
             return
         prompt = self.template.fill(item, image_ref, self.model,
                                     f"blip_batch/{self.manifest.batch_id[:8]}/{item.id}")
-        prompt_id = self.manifest.queued(item_id, item.source, item.params())
+        prompt_id = self.manifest.queued(item_id, item.source, item.params(), server=lane.url)
         self.manifest.save()  # the prompt id is on disk before the host can run it
+        lane.inflight[prompt_id] = item_id  # a post that fails half-way is sorted out by the next poll
+        if lane.busy_since is None:
+            lane.busy_since = time.monotonic()
         try:
-            host_id = self.client.post_prompt(prompt, prompt_id, {"blip_batch": {"batch": self.manifest.batch_id,
+            host_id = lane.client.post_prompt(prompt, prompt_id, {"blip_batch": {"batch": self.manifest.batch_id,
                                                                                  "item": item_id}})
         except PromptRejected as e:
-            self._fail(item_id, f"rejected by the host: {rejection_message(e.payload)}")
+            lane.inflight.pop(prompt_id, None)
+            self._fail(item_id, f"rejected by the host: {rejection_message(e.payload)}", lane)
             return
         if host_id != prompt_id:  # an old host that picks its own ids: a crash right here could repeat it
             self.manifest.posted_as(item_id, host_id)
             self.manifest.save()
-            prompt_id = host_id
-        self.inflight[prompt_id] = item_id
+            lane.inflight.pop(prompt_id, None)
+            lane.inflight[host_id] = item_id
 
-    def _fail(self, item_id: str, message: str) -> None:
+    def _fail(self, item_id: str, message: str, lane: Lane | None = None) -> None:
         item = self.items.get(item_id)
         extra = {"source": item.source, "params": item.params()} if item else {}
-        self.manifest.failed(item_id, message, **extra)
+        self.manifest.failed(item_id, message, server=lane.url if lane else None, **extra)
         self.manifest.save()
         self.stats["failed_now"] += 1
-        self.log(f"FAILED {item_id}: {message}")
+        self.log(f"FAILED {item_id}: {message}" + (f" (on {lane.label})" if lane and self.several else ""))
         if self.bar is not None:
             self.bar.advance()
 
@@ -189,110 +395,143 @@ class Runner:
         outs = rec.get("outputs") or []
         return bool(outs) and all((self.out_dir / name).is_file() for name in outs)
 
-    def _finalize(self, prompt_id: str, entry: PromptHistory, item_id: str | None = None,
+    def _finalize(self, lane: Lane, prompt_id: str, entry: PromptHistory, item_id: str | None = None,
                   quiet: bool = False) -> bool:
-        """Record a finished prompt: download its images (done) or keep its error (failed)."""
-        item_id = item_id or self.inflight.pop(prompt_id)
-        self.inflight.pop(prompt_id, None)
-        self.finishing.discard(prompt_id)
+        """Record a finished prompt: download its images (done) or keep its error (failed).
+
+        A server that stops answering half-way leaves the prompt in its ``inflight``: collected later."""
+        item_id = item_id or lane.inflight[prompt_id]
         if not entry.succeeded:
-            self._fail(item_id, entry.error_message())
+            self._forget(lane, prompt_id)
+            self._fail(item_id, entry.error_message(), lane)
             return False
         outputs = entry.outputs
         saves = self.template.slots.saves  # the template's order: the first save's images come first
         images = [img for node in sorted(outputs, key=lambda n: (saves.index(n) if n in saves else len(saves), n))
                   for img in outputs[node].get("images", []) if img.get("type", "output") == "output"]
         if not images:
-            self._fail(item_id, "the prompt finished without saving an image")
+            self._forget(lane, prompt_id)
+            self._fail(item_id, "the prompt finished without saving an image", lane)
             return False
         names = []
         try:
             for k, image in enumerate(images):
                 suffix = Path(image["filename"]).suffix or ".png"
                 name = f"{item_id}{suffix}" if len(images) == 1 else f"{item_id}_{k}{suffix}"
-                atomic_write(self.out_dir / name, self.client.view(image))
+                atomic_write(self.out_dir / name, lane.client.view(image))
                 names.append(name)
-        except HostUnreachable:
+        except LaneTrouble:
             raise
         except Exception as e:  # noqa: BLE001
-            self._fail(item_id, f"could not download the output from the host: {e}")
+            self._forget(lane, prompt_id)
+            self._fail(item_id, f"could not download the output from the host: {e}", lane)
             return False
+        self._forget(lane, prompt_id)
         encoder = self.template.encoder_node
         encoder_ran = encoder is not None and encoder not in entry.cached_nodes()
         seconds = entry.execution_seconds()
-        self.manifest.done(item_id, names, seconds, encoder_ran, images)
+        self.manifest.done(item_id, names, seconds, encoder_ran, images, server=lane.url)
         self.manifest.save()
         self.stats["rendered"] += 1
         self.stats["encoder_runs"] += int(encoder_ran)
+        lane.rendered += 1
         if self.bar is not None:
             self.bar.advance()
+            if self.several:
+                self.bar.set_servers(self._rates())
         if not quiet:
             self.log(f"done {item_id} -> {', '.join(names)}"
-                     + (f" ({seconds:.1f}s{', subject encoded' if encoder_ran else ''})" if seconds else ""))
+                     + (f" ({seconds:.1f}s{', subject encoded' if encoder_ran else ''}"
+                        f"{f' on {lane.label}' if self.several else ''})" if seconds else ""))
         return True
+
+    def _forget(self, lane: Lane, prompt_id: str) -> None:
+        lane.inflight.pop(prompt_id, None)
+        lane.finishing.discard(prompt_id)
+
+    def _rates(self) -> str:
+        return ", ".join(f"{lane.label} " + ("down" if lane.down_since is not None else
+                                             "unused" if lane.retired else f"{lane.rendered} ({lane.rate():.1f}/min)")
+                         for lane in self.lanes)
 
     # -- waiting ---------------------------------------------------------------------------
     def _wait_step(self) -> None:
-        for kind, data in self.events.receive(0.5):
+        busy = [lane for lane in self.lanes if lane.up and lane.inflight]
+        if not busy:
+            time.sleep(0.5)  # only servers that are down hold prompts: wait for them to answer or time out
+            return
+        for lane in busy:
+            self._guard(lane, self._listen, lane, 0.5 / len(busy))
+
+    def _listen(self, lane: Lane, timeout: float) -> None:
+        for kind, data in lane.events.receive(timeout):
             prompt_id = data.get("prompt_id")
-            if prompt_id not in self.inflight:
+            if prompt_id not in lane.inflight:
                 continue
-            item_id = self.inflight[prompt_id]
+            item_id = lane.inflight[prompt_id]
+            prefix = f"{lane.label} " if self.several else ""
             if kind == "executing":
                 if data.get("node") is None:
-                    self.finishing.add(prompt_id)
+                    lane.finishing.add(prompt_id)
                 else:
-                    self.bar.set_status(f"{item_id} {data['node']}")
+                    self.bar.set_status(f"{prefix}{item_id} {data['node']}")
             elif kind == "progress":
-                self.bar.set_status(f"{item_id} {data.get('node')} {data.get('value')}/{data.get('max')}")
+                self.bar.set_status(f"{prefix}{item_id} {data.get('node')} {data.get('value')}/{data.get('max')}")
             elif kind in ("execution_success", "execution_error", "execution_interrupted"):
-                self.finishing.add(prompt_id)
-        for prompt_id in list(self.finishing):
-            entry = self.client.finished(prompt_id)
+                lane.finishing.add(prompt_id)
+        for prompt_id in list(lane.finishing):
+            entry = lane.client.finished(prompt_id)
             if entry is not None:
-                self._finalize(prompt_id, entry)
+                self._finalize(lane, prompt_id, entry)
         # Safety net (and the only source without websocket-client): ask the queue.
-        if time.monotonic() - self._last_poll > (5.0 if self.events.connected else 1.0):
-            self._last_poll = time.monotonic()
-            self._poll()
+        if time.monotonic() - lane.last_poll > (5.0 if lane.events.connected else 1.0):
+            lane.last_poll = time.monotonic()
+            self._poll(lane)
 
-    def _poll(self) -> None:
-        running, pending = self.client.queue_state()
+    def _poll(self, lane: Lane) -> None:
+        running, pending = lane.client.queue_state()
         lost = []
-        for prompt_id, item_id in list(self.inflight.items()):
+        for prompt_id, item_id in list(lane.inflight.items()):
             if prompt_id in running or prompt_id in pending:
                 continue
-            entry = self.client.finished(prompt_id)
+            entry = lane.client.finished(prompt_id)
             if entry is not None:
-                self._finalize(prompt_id, entry)
+                self._finalize(lane, prompt_id, entry)
             else:
                 lost.append((prompt_id, item_id))
         for prompt_id, item_id in reversed(lost):  # the host forgot them (restarted): post again, first
-            self.inflight.pop(prompt_id)
-            self.todo.appendleft(item_id)
-            self.log(f"the host lost {item_id} (restarted?); queueing it again")
+            self._forget(lane, prompt_id)
+            if self.manifest.status(item_id) == DONE:  # files gone here, prompt gone there: render again
+                self.manifest.outputs_lost(item_id)
+            self.pool.add(item_id, front=True)
+            self.log(f"the host {lane.label} lost {item_id} (restarted?); queueing it again")
 
     def _wind_down(self) -> None:
-        """After Ctrl-C: take our not-started prompts off the host queue; running ones are left to finish."""
-        if not self.inflight:
-            return
+        """After Ctrl-C: take our not-started prompts off the host queues; running ones are left to finish."""
+        for lane in self.lanes:
+            if lane.inflight and lane.up:
+                self._guard(lane, self._wind_down_lane, lane)
+
+    def _wind_down_lane(self, lane: Lane) -> None:
+        where = f"the host {lane.label}" if self.several else "the host"
+        queue = f"{lane.label}'s queue" if self.several else "the host queue"
         if not self.cancel_on_stop:
-            self.log(f"{len(self.inflight)} prompt(s) stay queued on the host; the next run collects them")
+            self.log(f"{len(lane.inflight)} prompt(s) stay queued on {where}; the next run collects them")
             return
-        running, pending = self.client.queue_state()
-        ours = [pid for pid in self.inflight if pid in pending]
+        running, pending = lane.client.queue_state()
+        ours = [pid for pid in lane.inflight if pid in pending]
         if ours:
-            self.client.delete_pending(ours)
-            running, pending = self.client.queue_state()
+            lane.client.delete_pending(ours)
+            running, pending = lane.client.queue_state()
         cancelled = 0
         for pid in ours:
-            if pid in running or pid in pending or self.client.finished(pid) is not None:
+            if pid in running or pid in pending or lane.client.finished(pid) is not None:
                 continue  # it started before the delete: the next run collects it
-            self.manifest.cancelled(self.inflight.pop(pid))
+            self.manifest.cancelled(lane.inflight.pop(pid))
             cancelled += 1
         self.manifest.save()
-        left = len(self.inflight)
-        self.log(f"took {cancelled} prompt(s) off the host queue"
+        left = len(lane.inflight)
+        self.log(f"took {cancelled} prompt(s) off {queue}"
                  + (f"; {left} already running there, the next run collects it" if left else ""))
 
     # -- the end -----------------------------------------------------------------------------
@@ -303,6 +542,8 @@ class Runner:
         lines = [f"{s['done']}/{s['total']} done, {s['failed']} failed, {s['queued'] + s['pending']} left "
                  f"({self.stats['rendered']} rendered or collected this run in {seconds:.0f}s; subject encoder ran "
                  f"{self.stats['encoder_runs']} time(s) this run, {subjects} distinct subject(s) in the batch)"]
+        if self.several:
+            lines.append(f"servers: {self._rates()}")
         for rec in failed:
             lines.append(f"  failed {rec['id']}: {rec.get('error')}")
         lines.append(f"manifest: {self.manifest.path}")

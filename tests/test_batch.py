@@ -51,19 +51,24 @@ def manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
-def wait_done(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 600) -> dict:
-    """Poll the manifest until ``at_least`` items are done (the tool keeps running)."""
+def wait_for(out: Path, proc: subprocess.Popen, ok, what: str, timeout: float = 600) -> dict:
+    """Poll the manifest until ``ok(manifest)`` holds (the tool keeps running)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             m = manifest(out)
-            if m["summary"]["done"] >= at_least:
+            if ok(m):
                 return m
         except (OSError, ValueError, KeyError):
             pass
-        assert proc.poll() is None, f"the tool exited early with {proc.returncode}"
-        time.sleep(0.1)
-    raise TimeoutError(f"fewer than {at_least} items done after {timeout}s")
+        assert proc.poll() is None, f"the tool exited early with {proc.returncode} (waiting for {what})"
+        time.sleep(0.05)
+    raise TimeoutError(f"not seen within {timeout}s: {what}")
+
+
+def wait_done(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 600) -> dict:
+    """Poll the manifest until ``at_least`` items are done (the tool keeps running)."""
+    return wait_for(out, proc, lambda m: m["summary"]["done"] >= at_least, f"{at_least} item(s) done", timeout)
 
 
 def batch_history(api, batch_id: str) -> dict:
