@@ -304,32 +304,31 @@ def test_history_entry_is_read_in_one_place():
 
 # -- against a live host ---------------------------------------------------------------
 @pytest.mark.slow
-def test_twenty_queued_renders_complete_and_each_subject_is_encoded_once(comfy_server, api, tmp_path):
+def test_queued_renders_complete_and_each_subject_is_encoded_once(comfy_server, api, tmp_path):
     noise_image(tmp_path / "dog.png")
     noise_image(tmp_path / "pot.png")
     batch = tmp_path / "grid.json"
     batch.write_text(json.dumps({
         "subjects": [{"image": "dog.png", "category": "dog"}, {"image": "pot.png", "category": "teapot"}],
-        "prompts": ["on a beach", "in the snow", "on a wooden table", "in a forest", "under water"],
-        "seeds": [7, 8], **SMALL}))
+        "prompts": ["on a beach", "in the snow"], "seeds": [7, 8], **SMALL}))  # 8 items, 4 per subject
     out = tmp_path / "out"
     proc = run_tool(batch, out, comfy_server)
     print(proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     m = manifest(out)
-    assert m["summary"] == {"total": 20, "done": 20, "failed": 0, "queued": 0, "pending": 0}
-    assert len({r["id"] for r in m["items"]}) == 20
+    assert m["summary"] == {"total": 8, "done": 8, "failed": 0, "queued": 0, "pending": 0}
+    assert len({r["id"] for r in m["items"]}) == 8
     for rec in m["items"]:
         check_done(out, rec)
     assert sorted(p.name for p in out.glob("*.png")) == sorted(r["outputs"][0] for r in m["items"])
     # fed by /ws: the bar (tqdm in the host venv) counted to the end
-    assert "20/20" in proc.stderr
+    assert "8/8" in proc.stderr
 
     history = batch_history(api, m["batch_id"])
     assert set(history) == {r["prompt_id"] for r in m["items"]}  # one prompt per item, no more
     encoder_runs = sum(encoder_ran(e) for e in history.values())
-    print(f"encoder executions (host history): {encoder_runs} for 2 subjects, 20 renders")
+    print(f"encoder executions (host history): {encoder_runs} for 2 subjects, 8 renders")
     assert encoder_runs == 2
     assert sum(r["encoder_ran"] for r in m["items"]) == 2
     # one upload per photo, named by content
