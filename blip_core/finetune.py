@@ -347,6 +347,11 @@ class Trainer:
         self.step_count += 1
         return value
 
+    def close(self):
+        """Frees the optimiser's state and drops the subject parameter; safe to call twice."""
+        self.optimizer.close()
+        self.subject = None
+
 
 # -- gradient checkpointing ---------------------------------------------------------------------
 def checkpoint_targets(model: torch.nn.Module) -> list[torch.nn.Module]:

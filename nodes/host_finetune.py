@@ -1,21 +1,18 @@
 """Host glue for BlipFinetune: subject fine-tuning as published, trained inside the host.
 
-The recipe and its evidence are in ``blip_core/finetune.py``. This module is the host glue,
-done the way the host's own trainer (``comfy_extras/nodes_train.py``) does it:
+The recipe and its evidence are in ``blip_core/finetune.py``; what each mode (full UNet, LoRA)
+trains, exports and restores in ``host_finetune_modes.py``. This module is the rest of the host
+glue, done the way the host's own trainer (``comfy_extras/nodes_train.py``) does it:
 
 * training leaves the host's inference mode explicitly (``torch.inference_mode(False)`` and
   ``torch.enable_grad()``);
-* the UNet is trained on a *clone* of the input MODEL loaded with ``load_models_gpu``. full
-  (as published): every UNet parameter is swapped for a trainable fp32 copy while the original
-  tensors wait aside (CPU memory when training on a GPU, an anonymous temporary file when
-  training on the CPU) and are put back bit for bit afterwards, also on error or cancel: the
-  input model ends exactly as it began, and its weights never share memory with the training
-  state. lora: the host's own LoRA train adapters as weight wrappers
-  (``ModelPatcher.add_weight_wrapper``), plus additive deltas for biases and norm weights, as the
-  host's trainer does. Wrappers and the optional gradient-checkpointing patches are removed again;
+* the UNet is trained on a *clone* of the input MODEL loaded with ``load_models_gpu``; the
+  session's exit (also on error or cancel) restores it, removes every weight wrapper and
+  gradient-checkpointing patch and frees the training state: the input model ends exactly as
+  it began;
 * AdamW updates the tensors during the backward pass, a bucket at a time (torch's fused kernel),
-  so no UNet-sized gradient buffer exists; the host's ProgressBar advances per step and the loss is sent as
-  progress text; the host's cancel is checked before every step;
+  so no UNet-sized gradient buffer exists; the host's ProgressBar advances per step and the loss is
+  reported as progress text; the host's cancel is checked before every step;
 * the host's CLIP is frozen but the subject's gradient flows through it: a CLIP clone gets
   identity weight wrappers (the host then hands fresh weight copies to each layer, which
   autograd may keep; the loaded weights are inference tensors it may not) and the encode runs
@@ -29,9 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -42,10 +38,10 @@ import comfy.utils
 
 from ..blip_core import finetune as ft
 from ..blip_core import prompting, schedule
-from ..blip_core.finetune_io import FINETUNE_MODES
 from ..blip_core.finetune_plot import loss_plot
 from ..blip_core.subject import Subject
 from . import host_clip
+from .host_finetune_modes import check_mode, finetune_mode, wrappable_modules
 
 log = logging.getLogger("blip_diffusion")
 
@@ -59,93 +55,17 @@ class FinetuneWeights:
     meta: dict = field(default_factory=dict)
 
 
-# -- stash and weight wrappers ------------------------------------------------------------------------
-class _Stash:
-    """The input UNet's own tensors, kept aside while trainable copies stand in for them.
-
-    On a GPU they wait in the offload device's memory; when training runs where they already
-    live (the CPU), in an anonymous temporary file, so the base weights and their trainable
-    copies never take memory at the same time. Every tensor comes back bit for bit.
-    """
-
-    def __init__(self, to_disk: bool, device):
-        self.to_disk, self.device = to_disk, device
-        self.entries: dict[str, tuple] = {}
-        self.file = tempfile.TemporaryFile(prefix="blip-finetune-") if to_disk else None
-
-    def put(self, key: str, t: torch.Tensor, requires_grad: bool):
-        t = t.detach()
-        if self.to_disk:
-            raw = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            offset = self.file.seek(0, os.SEEK_END)
-            self.file.write(memoryview(raw))
-            self.entries[key] = ("disk", offset, raw.nbytes, t.dtype, tuple(t.shape), t.device, requires_grad)
-        else:
-            self.entries[key] = ("mem", t.to(self.device, copy=True), t.device, requires_grad)
-
-    def get(self, key: str) -> tuple[torch.Tensor, bool]:
-        e = self.entries[key]
-        if e[0] == "mem":
-            return e[1].to(e[2]), e[3]
-        _, offset, nbytes, dtype, shape, device, requires_grad = e
-        self.file.seek(offset)
-        buf = bytearray(nbytes)
-        self.file.readinto(buf)
-        t = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
-        return t.to(device).clone() if device.type != "cpu" else t, requires_grad
-
-    def close(self):
-        self.entries.clear()
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+class Trained(NamedTuple):
+    unet_sd: dict            # the UNet change in the host's LoRA layout (CPU tensors)
+    subject: torch.Tensor    # the trained subject embedding (CPU)
 
 
-class _Delta(torch.nn.Module):
-    """LoRA mode, for biases and 1-D weights: ``w + delta`` (as the host trainer's BiasDiff)."""
-
-    def __init__(self, shape, device):
-        super().__init__()
-        self.delta = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
-
-    def __call__(self, w):
-        return (w.to(self.delta.dtype) + self.delta).to(w.dtype)
-
-    def passive_memory_usage(self):
-        return self.delta.nelement() * self.delta.element_size()
-
-    def move_to(self, device):
-        self.to(device=device)
-        return self.passive_memory_usage()
-
-
+# -- the training session ------------------------------------------------------------------------------
 class _Fresh:
     """Identity: its presence makes the host copy the weight before each use (autograd may keep a copy)."""
 
     def __call__(self, w):
         return w
-
-
-def _wrapped_modules(root: torch.nn.Module, prefix: str, strict: bool = True):
-    """(key prefix, module) for every module whose weight the host can wrap; strict: nothing may be left out."""
-    mods, covered = [], set()
-    for name, m in root.named_modules():
-        if hasattr(m, "weight_function") and getattr(m, "weight", None) is not None:
-            mods.append((f"{prefix}{name}", m))
-            covered.update(f"{name}.{p}" for p, _ in m.named_parameters(recurse=False))
-    leftover = sorted(n for n, _ in root.named_parameters() if n not in covered)
-    if strict and leftover:
-        raise ft.FinetuneError(f"the model has parameters the host cannot train through weight wrappers: "
-                               f"{leftover[:4]} ({len(leftover)} in all)")
-    return mods
-
-
-def _remove_wrappers(root: torch.nn.Module, ours: set[int]) -> None:
-    for m in root.modules():
-        for attr in ("weight_function", "bias_function"):
-            funcs = m.__dict__.get(attr)
-            if funcs:
-                m.__dict__[attr] = [f for f in funcs if id(f) not in ours]
 
 
 @contextlib.contextmanager
@@ -172,166 +92,83 @@ def _identity(t):
     return t
 
 
-# -- the training session ------------------------------------------------------------------------------
 class TrainingSession:
-    """Clones of MODEL and CLIP set up for training; ``with`` loads them and always cleans up.
+    """Clones of MODEL and CLIP set up for training; ``with`` loads them, and its exit undoes it all.
 
     Inside: ``unet(x_t, t, cond) -> eps``, ``text(layout)`` -> a text function, ``named_parameters``
     (the UNet's trainable tensors, host key names), ``device``, ``export()`` -> the UNet change in
-    the host's LoRA layout.
-
-    full: while training, the UNet's own parameters are swapped for trainable fp32 copies (the
-    originals wait in a ``_Stash``); on exit, also after an error or a cancel, the originals are
-    put back bit for bit, so the input MODEL ends as it started and never shares memory with the
-    training state. lora: the host's LoRA train adapters as weight wrappers on the clone.
+    the host's LoRA layout. Each setup step puts its undo on one exit stack as it is made (the
+    mode's restore, frozen flags, weight wrappers, checkpointing patches, and what
+    ``close_on_exit`` is given), so a normal end, an error and a cancel all leave the same way.
     """
 
     def __init__(self, model, clip, mode: str = "full", rank: int = 16, seed: int = 0,
                  gradient_checkpointing: bool = False):
-        if mode not in FINETUNE_MODES:
-            raise ft.FinetuneError(f"mode must be one of {list(FINETUNE_MODES)}, got {mode!r}")
+        check_mode(mode)
         if not isinstance(getattr(model, "model", None), comfy.model_base.BaseModel):
             raise ft.FinetuneError("the MODEL input is not a diffusion model the host can train")
         if model.model.model_type != comfy.model_base.ModelType.EPS:
             raise ft.FinetuneError(f"BLIP-Diffusion fine-tuning trains an epsilon-prediction SD 1.x UNet; this MODEL "
                                    f"predicts {model.model.model_type.name}")
-        self.mode, self.rank, self.seed = mode, int(rank), int(seed)
         self.gradient_checkpointing = gradient_checkpointing
         self.unet_patcher = model.clone()
         self.clip = clip.clone()
-        self.ours: set[int] = set()
-        self.adapters: dict[str, object] = {}        # lora mode: module name -> LoraDiff / _Delta (weight)
-        self.bias_deltas: dict[str, _Delta] = {}     # lora mode: module name -> _Delta (bias)
-        self.stash: _Stash | None = None             # full mode: the originals
-        self.diff: dict[str, torch.Tensor] | None = None
-        self._stack = None
+        self.mode = finetune_mode(mode, self.unet_patcher, rank, seed)
+        self.wrappers: set[int] = set()   # ids of the weight wrappers this session added
         self.named_parameters: list[tuple[str, torch.nn.Parameter]] = []
+        self._exit = contextlib.ExitStack()
 
     @property
     def diffusion_model(self):
         return self.unet_patcher.model.diffusion_model
 
-    # setup -----------------------------------------------------------------------------
-    def _register_lora(self):
-        from comfy.weight_adapter.lora import LoRAAdapter
-
-        # manual_seed reseeds every CUDA device too: fork them all, so the graph's later draws are untouched.
-        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-            torch.manual_seed(self.seed)
-            for name, m in _wrapped_modules(self.diffusion_model, "diffusion_model."):
-                if m.weight.ndim >= 2:
-                    # The adapter's random half is drawn on the CPU whatever device the UNet sits on (an
-                    # earlier sampler may have left it on the GPU): same seed, same start. A zero-stride
-                    # stand-in gives the weight's shape without copying it.
-                    shape_only = torch.empty(1, dtype=m.weight.dtype).expand(m.weight.shape)
-                    a = LoRAAdapter.create_train(shape_only, rank=self.rank, alpha=1.0).to(torch.float32)
-                else:
-                    a = _Delta(m.weight.shape, m.weight.device)
-                self.adapters[name] = a
-                self.unet_patcher.add_weight_wrapper(f"{name}.weight", a)
-                self.ours.add(id(a))
-                if getattr(m, "bias", None) is not None:
-                    b = _Delta(m.bias.shape, m.bias.device)
-                    self.bias_deltas[name] = b
-                    self.unet_patcher.add_weight_wrapper(f"{name}.bias", b)
-                    self.ours.add(id(b))
-
-    def _register_clip(self):
-        for name, m in _wrapped_modules(self.clip.cond_stage_model, "", strict=False):
-            for attr in ("weight", "bias"):
-                if getattr(m, attr, None) is not None:
-                    f = _Fresh()
-                    self.clip.patcher.add_weight_wrapper(f"{name}.{attr}", f)
-                    self.ours.add(id(f))
-
-    def _swap_in_copies(self):
-        """full: every UNet parameter -> a trainable fp32 copy; the original goes to the stash."""
-        device = self.unet_patcher.load_device
-        to_disk = torch.device(self.unet_patcher.offload_device) == torch.device(device)
-        self.stash = _Stash(to_disk, self.unet_patcher.offload_device)
-        params = []
-        for mod_name, m in self.diffusion_model.named_modules():
-            for pname, p in list(m._parameters.items()):
-                if p is None:
-                    continue
-                key = f"diffusion_model.{mod_name}.{pname}"
-                self.stash.put(key, p, p.requires_grad)
-                copy = torch.nn.Parameter(p.detach().to(device=device, dtype=torch.float32, copy=True))
-                m._parameters[pname] = copy
-                del p
-                params.append((key, copy))
-        self.named_parameters = params
-
-    def _swap_back(self, keep_diff: bool):
-        """Put the originals back (bit for bit); with ``keep_diff`` record trained - original first."""
-        if self.stash is None:
-            return
-        diff = {}
-        modules = dict(self.diffusion_model.named_modules())
-        with torch.no_grad():
-            for key in list(self.stash.entries):
-                mod_name, pname = key[len("diffusion_model."):].rsplit(".", 1)
-                m = modules[mod_name]
-                original, requires_grad = self.stash.get(key)
-                if keep_diff:
-                    trained = m._parameters[pname].detach()
-                    suffix = "diff" if pname == "weight" else "diff_b"
-                    diff[f"diffusion_model.{mod_name}.{suffix}"] = \
-                        (trained - original.to(trained.device, torch.float32)).to("cpu")
-                m._parameters[pname] = torch.nn.Parameter(original, requires_grad=requires_grad)
-                del original
-        self.stash.close()
-        self.stash = None
-        if keep_diff:
-            self.diff = diff
-
     def __enter__(self):
-        self._stack = contextlib.ExitStack()
-        try:
-            dm = self.diffusion_model
-            self._stack.callback(self._cleanup)
-            # full mode swaps the UNet's parameters out (the stash keeps their flags): freezing them
-            # here would keep references to all of them.
-            frozen = [self.clip.cond_stage_model] + ([dm] if self.mode == "lora" else [])
-            self._stack.enter_context(_frozen(*frozen))
-            if self.mode == "lora":
-                self._register_lora()
-            self._register_clip()
-            self._stack.enter_context(ft.gradient_checkpointing(ft.checkpoint_targets(dm),
-                                                                self.gradient_checkpointing))
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._remove_wrappers)
+            frozen = [self.clip.cond_stage_model] + ([self.diffusion_model] if self.mode.freezes_base else [])
+            undo.enter_context(_frozen(*frozen))
+            self.mode.attach(self._add_wrapper)
+            self._wrap_clip()
+            undo.enter_context(ft.gradient_checkpointing(ft.checkpoint_targets(self.diffusion_model),
+                                                         self.gradient_checkpointing))
             # Everything else leaves the device; both models stay loaded for the whole run, since
             # loading the CLIP again per step could evict the UNet mid-training.
             mm.load_models_gpu([self.unet_patcher, self.clip.patcher], memory_required=1e20, force_full_load=True)
             self.device = torch.device(self.unet_patcher.load_device)
-            if self.mode == "full":
-                self._stack.callback(self._swap_back, False)  # a no-op once export() has put them back
-                self._swap_in_copies()
-            else:
-                self._collect_lora_parameters()
-        except BaseException:
-            self._stack.close()
-            raise
+            undo.callback(self.mode.restore)  # before trainable(): a half-made swap is undone too
+            self.named_parameters = self.mode.trainable()
+            self._exit = undo.pop_all()
         return self
 
-    def _collect_lora_parameters(self):
-        params = []
-        for name, a in self.adapters.items():
-            for pname, p in a.named_parameters():
-                if p.requires_grad:
-                    params.append((f"{name}.{pname}", p))
-        for name, b in self.bias_deltas.items():
-            params.append((f"{name}.diff_b", b.delta))
-        self.named_parameters = params
-
-    def _cleanup(self):
-        for root in (self.diffusion_model, self.clip.cond_stage_model):
-            _remove_wrappers(root, self.ours)
-        self.unet_patcher.weight_wrapper_patches.clear()
-        self.clip.patcher.weight_wrapper_patches.clear()
+    def close_on_exit(self, closable) -> None:
+        """``closable.close()`` runs first on exit (before the UNet is restored)."""
+        self._exit.callback(closable.close)
 
     def __exit__(self, *exc):
-        self._stack.close()
+        self.named_parameters = []
+        self._exit.close()
         return False
+
+    def _add_wrapper(self, patcher, key: str, wrapper) -> None:
+        patcher.add_weight_wrapper(key, wrapper)
+        self.wrappers.add(id(wrapper))
+
+    def _wrap_clip(self):
+        for name, m in wrappable_modules(self.clip.cond_stage_model, "", strict=False):
+            for attr in ("weight", "bias"):
+                if getattr(m, attr, None) is not None:
+                    self._add_wrapper(self.clip.patcher, f"{name}.{attr}", _Fresh())
+
+    def _remove_wrappers(self):
+        """The host copied our wrappers into the shared modules when it loaded the clones: take them out there."""
+        for root in (self.diffusion_model, self.clip.cond_stage_model):
+            for m in root.modules():
+                for attr in ("weight_function", "bias_function"):
+                    funcs = m.__dict__.get(attr)
+                    if funcs:
+                        m.__dict__[attr] = [f for f in funcs if id(f) not in self.wrappers]
+        self.unet_patcher.weight_wrapper_patches.clear()
+        self.clip.patcher.weight_wrapper_patches.clear()
 
     # the model functions ------------------------------------------------------------------
     def unet(self, x, t, cond):
@@ -359,74 +196,51 @@ class TrainingSession:
 
         return encode
 
-    # the result ---------------------------------------------------------------------------
-    @torch.no_grad()
     def export(self) -> dict[str, torch.Tensor]:
-        """The UNet change in the host's LoRA key layout (CPU tensors); full mode: also restores the UNet."""
-        if self.mode == "full":
-            self.named_parameters = []
-            self._swap_back(keep_diff=True)
-            out, self.diff = self.diff, None
-            return out
-        out = {}
-        for name, a in self.adapters.items():
-            if isinstance(a, _Delta):
-                out[f"{name}.diff"] = a.delta.detach().float().cpu()
-            else:
-                out[f"{name}.lora_up.weight"] = a.lora_up.weight.detach().float().cpu()
-                out[f"{name}.lora_down.weight"] = a.lora_down.weight.detach().float().cpu()
-                out[f"{name}.alpha"] = a.alpha.detach().float().cpu()
-        for name, b in self.bias_deltas.items():
-            out[f"{name}.diff_b"] = b.delta.detach().float().cpu()
-        return out
-
-    def release(self):
-        """Drop the trainable tensors."""
-        self.adapters.clear()
-        self.bias_deltas.clear()
+        """The UNet change in the host's LoRA key layout (CPU tensors); the trainable tensors are dropped
+        (full mode: the UNet's own are back in place)."""
         self.named_parameters = []
+        return self.mode.export()
 
 
-def apply_finetune(model, unet_sd: dict, strength: float = 1.0):
-    """The base MODEL with a fine-tune's UNet change applied through the host's LoRA loader."""
-    new_model, _ = comfy.sd.load_lora_for_models(model, None, unet_sd, strength, 0)
-    return new_model
+@contextlib.contextmanager
+def training(model, clip, layout: prompting.TokenLayout, init: torch.Tensor, mode: str = "full", rank: int = 16,
+             seed: int = 0, lr: float = ft.PUBLISHED_LR, gradient_checkpointing: bool = False, on_grad=None):
+    """A ready ``ft.Trainer`` (UNet + subject, published optimiser) inside a TrainingSession.
 
-
-def apply_unet_weights(model, diffusers_sd: dict, subject_width: int | None = None):
-    """The base MODEL with UNet tensors given under their diffusers names put in place of its own.
-
-    The names become the host's through its own key map for this MODEL's UNet; the tensors
-    become ``set`` patches (``<module>.set_weight`` in the LoRA key layout) applied by the same
-    LoRA loader as ``apply_finetune``: the input MODEL is not changed and no weight is copied
-    until the host loads the model. Returns (MODEL, tensors replaced, tensors of the UNet).
+    Everything it allocates (trainable copies, AdamW state, hooks, wrappers) is released on exit,
+    also when training stops with an error or the host's cancel.
     """
-    unet_config = model.model.model_config.unet_config
-    if "num_res_blocks" not in unet_config:
-        raise ValueError("this MODEL is not an SD 1.x-style UNet: connect the MODEL of Load BLIP-Diffusion (the base "
-                         "model the checkpoint was fine-tuned from)")
-    width = unet_config.get("context_dim")
-    if subject_width is not None and width is not None and subject_width != width:
-        raise ValueError(f"the checkpoint's subject is {subject_width} wide but this MODEL's UNet reads {width}-wide "
-                         "text: connect the BLIP-Diffusion model the checkpoint was fine-tuned from")
-    names = comfy.utils.unet_to_diffusers(unet_config)
-    own = {k: v for k, v in model.model_state_dict().items() if k.startswith("diffusion_model.")}
-    patches, unknown, wrong = {}, [], []
-    for key, value in diffusers_sd.items():
-        host = "diffusion_model." + names[key] if key in names else None
-        if host not in own:
-            unknown.append(key)
-        elif tuple(value.shape) != tuple(own[host].shape):
-            wrong.append(f"{key} is {tuple(value.shape)}, this MODEL's {tuple(own[host].shape)}")
-        else:
-            patches[(host[:-len(".weight")] if host.endswith(".weight") else host) + ".set_weight"] = value
-    if unknown or wrong:
-        counts = [f"{n} {what}" for n, what in ((len(wrong), "of another shape"), (len(unknown), "with no place in it"))
-                  if n]
-        shown = sorted(wrong)[:3] + sorted(unknown)[:max(0, 3 - len(wrong))]
-        raise ValueError(f"the checkpoint's UNet does not fit this MODEL: tensors {' and '.join(counts)} "
-                         f"({'; '.join(shown)}). Connect the base model the checkpoint was fine-tuned from")
-    return (apply_finetune(model, patches) if patches else model.clone()), len(patches), len(own)
+    with TrainingSession(model, clip, mode, rank, seed, gradient_checkpointing) as session:
+        device = session.device
+        subject = torch.nn.Parameter(init.detach().clone().float().to(device))
+        autocast, scaler = contextlib.nullcontext, None
+        # bf16 where the card has it, else fp16 (with loss scaling) where the host trusts fp16, else fp32.
+        if device.type != "cpu" and mm.should_use_bf16(device):
+            autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+        elif device.type != "cpu" and mm.should_use_fp16(device):
+            autocast = functools.partial(torch.autocast, device.type, dtype=torch.float16)
+            scaler = torch.amp.GradScaler(device.type)
+        # Parameters are updated during the backward pass (no UNet-sized gradient buffer), except
+        # with fp16 autocast, whose GradScaler needs every gradient before the update.
+        optimizer = ft.make_optimizer(session.named_parameters + [("subject", subject)], lr,
+                                      in_backward=scaler is None, on_grad=on_grad)
+        trainer = ft.Trainer(session.unet, session.text(layout), subject, optimizer, autocast=autocast,
+                             scaler=scaler)
+        session.close_on_exit(trainer)
+        yield TrainingRun(trainer, session)
+
+
+@dataclass
+class TrainingRun:
+    trainer: ft.Trainer
+    session: TrainingSession
+
+    def finish(self) -> Trained:
+        """The UNet change and the trained subject; frees the optimiser first (full mode's export needs the room)."""
+        subject = self.trainer.subject.detach().float().cpu().clone()
+        self.trainer.close()
+        return Trained(self.session.export(), subject)
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -490,81 +304,17 @@ def check_schedule(model) -> float:
     return float(model.get_model_object("latent_format").scale_factor)
 
 
-def single_value(value, name):
-    """is_input_list hands every input as a list: all but the images must be one value."""
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise ft.FinetuneError(f"BlipFinetune trains one model: '{name}' got {len(value)} values, connect one")
-        return value[0]
-    return value
-
-
-def _progress_text(node_id, text):
-    if node_id is None:
-        return
-    try:
-        from server import PromptServer
-
-        if getattr(PromptServer, "instance", None) is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
-    except Exception:  # no server (in-process use) or an old host
-        pass
-
-
-@contextlib.contextmanager
-def training(model, clip, layout: prompting.TokenLayout, init: torch.Tensor, mode: str = "full", rank: int = 16,
-             seed: int = 0, lr: float = ft.PUBLISHED_LR, gradient_checkpointing: bool = False, on_grad=None):
-    """A ready ``ft.Trainer`` (UNet + subject, published optimiser) inside a TrainingSession.
-
-    Everything it allocates (trainable copies, AdamW state, hooks, wrappers) is released on exit,
-    also when training stops with an error or the host's cancel.
-    """
-    session = TrainingSession(model, clip, mode, rank, seed, gradient_checkpointing)
-    with session:
-        device = session.device
-        subject = torch.nn.Parameter(init.detach().clone().float().to(device))
-        autocast, scaler = contextlib.nullcontext, None
-        # bf16 where the card has it, else fp16 (with loss scaling) where the host trusts fp16, else fp32.
-        if device.type != "cpu" and mm.should_use_bf16(device):
-            autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-        elif device.type != "cpu" and mm.should_use_fp16(device):
-            autocast = functools.partial(torch.autocast, device.type, dtype=torch.float16)
-            scaler = torch.amp.GradScaler(device.type)
-        # Parameters are updated during the backward pass (no UNet-sized gradient buffer), except
-        # with fp16 autocast, whose GradScaler needs every gradient before the update.
-        optimizer = ft.make_optimizer(session.named_parameters + [("subject", subject)], lr,
-                                      in_backward=scaler is None, on_grad=on_grad)
-        trainer = ft.Trainer(session.unet, session.text(layout), subject, optimizer, autocast=autocast,
-                             scaler=scaler)
-        run = TrainingRun(trainer, session)
-        try:
-            yield run
-        finally:
-            optimizer.close()
-            trainer.subject = None
-            session.release()
-
-
-class TrainingRun:
-    def __init__(self, trainer: ft.Trainer, session: TrainingSession):
-        self.trainer, self.session = trainer, session
-
-    def finish(self) -> tuple[dict, torch.Tensor]:
-        """(UNet change in the host's LoRA layout, trained subject on the CPU); frees the optimiser first."""
-        self.trainer.optimizer.close()
-        subject = self.trainer.subject.detach().float().cpu().clone()
-        return self.session.export(), subject
-
-
+# -- the node's work --------------------------------------------------------------------------------
 def finetune(model, clip, vae, subject_encoder, images, category: str, steps: int = ft.PUBLISHED_STEPS,
              learning_rate: float = ft.PUBLISHED_LR, batch_size: int = ft.PUBLISHED_BATCH, seed: int = 0,
              resolution: int = ft.PUBLISHED_RESOLUTION, mode: str = "full", lora_rank: int = 16,
              gradient_checkpointing: bool = True, preprocess: str = "lavis", latent_sampling: bool = True,
-             node_id=None):
-    """The node's work, callable in-process: returns (MODEL, Subject, loss plot IMAGE, FinetuneWeights)."""
+             progress_text: Callable[[str], None] | None = None):
+    """The node's work, callable in-process: returns (MODEL, Subject, loss plot IMAGE, FinetuneWeights).
+
+    ``progress_text`` receives each step's line ("step 3/76  loss 0.12345")."""
     ft.check_settings(steps, learning_rate, batch_size, resolution)
-    if mode not in FINETUNE_MODES:
-        raise ft.FinetuneError(f"mode must be one of {list(FINETUNE_MODES)}, got {mode!r}")
+    check_mode(mode)
     if mode == "lora" and lora_rank < 1:
         raise ft.FinetuneError(f"lora_rank must be at least 1 (got {lora_rank})")
     with torch.inference_mode(False), torch.enable_grad():
@@ -585,7 +335,8 @@ def finetune(model, clip, vae, subject_encoder, images, category: str, steps: in
 
         def on_step(i, loss):
             pbar.update_absolute(i + 1, steps)
-            _progress_text(node_id, f"step {i + 1}/{steps}  loss {loss:.5f}")
+            if progress_text is not None:
+                progress_text(f"step {i + 1}/{steps}  loss {loss:.5f}")
 
         with training(model, clip, layout, init, mode=mode, rank=lora_rank, seed=seed, lr=learning_rate,
                       gradient_checkpointing=gradient_checkpointing) as run:
@@ -607,3 +358,46 @@ def finetune(model, clip, vae, subject_encoder, images, category: str, steps: in
     out_model = apply_finetune(model, unet_sd)
     plot = loss_plot(result.losses, title=f"BLIP-Diffusion fine-tune ({mode}): loss per step")
     return out_model, subject_out, plot, weights
+
+
+# -- the result as a MODEL ------------------------------------------------------------------------
+def apply_finetune(model, unet_sd: dict, strength: float = 1.0):
+    """The base MODEL with a fine-tune's UNet change applied through the host's LoRA loader."""
+    new_model, _ = comfy.sd.load_lora_for_models(model, None, unet_sd, strength, 0)
+    return new_model
+
+
+def apply_unet_weights(model, diffusers_sd: dict, subject_width: int | None = None):
+    """The base MODEL with UNet tensors given under their diffusers names put in place of its own.
+
+    The names become the host's through its own key map for this MODEL's UNet; the tensors
+    become ``set`` patches (``<module>.set_weight`` in the LoRA key layout) applied by the same
+    LoRA loader as ``apply_finetune``: the input MODEL is not changed and no weight is copied
+    until the host loads the model. Returns (MODEL, tensors replaced, tensors of the UNet).
+    """
+    unet_config = model.model.model_config.unet_config
+    if "num_res_blocks" not in unet_config:
+        raise ValueError("this MODEL is not an SD 1.x-style UNet: connect the MODEL of Load BLIP-Diffusion (the base "
+                         "model the checkpoint was fine-tuned from)")
+    width = unet_config.get("context_dim")
+    if subject_width is not None and width is not None and subject_width != width:
+        raise ValueError(f"the checkpoint's subject is {subject_width} wide but this MODEL's UNet reads {width}-wide "
+                         "text: connect the BLIP-Diffusion model the checkpoint was fine-tuned from")
+    names = comfy.utils.unet_to_diffusers(unet_config)
+    own = {k: v for k, v in model.model_state_dict().items() if k.startswith("diffusion_model.")}
+    patches, unknown, wrong = {}, [], []
+    for key, value in diffusers_sd.items():
+        host = "diffusion_model." + names[key] if key in names else None
+        if host not in own:
+            unknown.append(key)
+        elif tuple(value.shape) != tuple(own[host].shape):
+            wrong.append(f"{key} is {tuple(value.shape)}, this MODEL's {tuple(own[host].shape)}")
+        else:
+            patches[(host[:-len(".weight")] if host.endswith(".weight") else host) + ".set_weight"] = value
+    if unknown or wrong:
+        counts = [f"{n} {what}" for n, what in ((len(wrong), "of another shape"), (len(unknown), "with no place in it"))
+                  if n]
+        shown = sorted(wrong)[:3] + sorted(unknown)[:max(0, 3 - len(wrong))]
+        raise ValueError(f"the checkpoint's UNet does not fit this MODEL: tensors {' and '.join(counts)} "
+                         f"({'; '.join(shown)}). Connect the base model the checkpoint was fine-tuned from")
+    return (apply_finetune(model, patches) if patches else model.clone()), len(patches), len(own)

@@ -2,7 +2,8 @@
 LoadLavisFinetune: a fine-tune made with LAVIS (its checkpoint_N.pth).
 
 The recipe lives in ``blip_core/finetune.py``; training inside the host (inference mode,
-weight wrappers on a clone, model management, progress, cancel) in ``host_finetune.py``;
+weight wrappers on a clone, model management, progress, cancel) in ``host_finetune.py``, what
+each mode trains in ``host_finetune_modes.py``;
 LAVIS's checkpoint layout in ``blip_core/lavis_checkpoint.py``.
 """
 import logging
@@ -15,7 +16,7 @@ from ..blip_core import finetune as ft
 from ..blip_core import finetune_io, lavis_checkpoint
 from ..blip_core.subject import Subject
 from . import host_models, paths
-from .host_finetune import apply_finetune, apply_unet_weights, finetune, single_value
+from .host_finetune import apply_finetune, apply_unet_weights, finetune
 from .types import SubjectEncoderType, SubjectType
 
 log = logging.getLogger("blip_diffusion")
@@ -23,6 +24,32 @@ FinetuneType = io.Custom("BLIP_FINETUNE")
 STEPS_TOOLTIP = ("Optimisation steps. The paper fine-tuned each DreamBench subject for 20 to 120 steps (the "
                  "per-subject table, table 1 of its appendix; mean 76, about 40 s on one A100). Few photos or a "
                  "simple subject need fewer.")
+
+
+def single_value(value, name):
+    """is_input_list hands every input as a list: all but the images must be one value."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ft.FinetuneError(f"BlipFinetune trains one model: '{name}' got {len(value)} values, connect one")
+        return value[0]
+    return value
+
+
+def progress_text_to(node_id):
+    """A function that shows a line of text under the node while it runs (None without a node id)."""
+    if node_id is None:
+        return None
+
+    def send(text):
+        try:
+            from server import PromptServer
+
+            if getattr(PromptServer, "instance", None) is not None:
+                PromptServer.instance.send_progress_text(text, node_id)
+        except Exception:  # no server (in-process use) or an old host
+            pass
+
+    return send
 
 
 class BlipFinetune(io.ComfyNode):
@@ -101,7 +128,7 @@ class BlipFinetune(io.ComfyNode):
             sample_latents=sample_latents).items()}
         args["latent_sampling"] = args.pop("sample_latents")
         node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
-        out_model, subject, plot, weights = finetune(images=images, node_id=node_id, **args)
+        out_model, subject, plot, weights = finetune(images=images, progress_text=progress_text_to(node_id), **args)
         return io.NodeOutput(out_model, subject, plot, weights)
 
 
