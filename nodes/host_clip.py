@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..blip_core import prompting
+from ..blip_core import prompting, subject_strength
 from ..blip_core.prompting import SUBJECT_BEGIN, SUBJECT_TOKENS, TokenLayout
 
 
@@ -72,3 +72,10 @@ def encode_spliced(clip, layout_or_ids, embedding: torch.Tensor | None, at: int 
     The subject goes in as fp32, as the host's own token embeddings do, whatever the CLIP's dtype."""
     pairs = token_pairs(layout_or_ids, None if embedding is None else embedding.float(), at)
     return clip.encode_from_tokens({"l": [pairs]}, return_pooled=return_pooled)
+
+
+def encode_subject_free(clip, layout: TokenLayout, subject_tokens: int = SUBJECT_TOKENS):
+    """The subject prompt's counterpart without the subject: the layout's ids padded to the full context
+    (subject_strength.subject_free_ids), encoded as ``encode_spliced`` encodes: (cond, pooled)."""
+    ids = subject_strength.subject_free_ids(layout.ids, sd1_tokenizer(clip).pad_token, len(layout.ids) + subject_tokens)
+    return encode_spliced(clip, ids, None)
