@@ -28,16 +28,11 @@ from pathlib import Path
 
 from .graph import DEFAULT_WORKFLOW, TemplateError
 
-ROLES = ("photo", "category", "prompt", "seed", "cfg", "steps", "size", "negative", "model")
-# item field -> role; the first five are required
-FIELD_ROLE = {"image": "photo", "category": "category", "prompt": "prompt", "target_category": "prompt",
-              "seed": "seed", "cfg": "cfg", "steps": "steps", "width": "size", "height": "size",
-              "negative": "negative", "model": "model"}
-REQUIRED = ("image", "category", "prompt", "seed")
-# role -> the input names a node of that role holds the value in (first found wins)
+# role -> the input names a node of that role holds the value in (first found wins); a title mark names a role
 ROLE_INPUTS = {"photo": ("image",), "category": ("category",), "prompt": ("prompt",),
                "seed": ("noise_seed", "seed"), "cfg": ("cfg",), "steps": ("steps",), "size": ("width",),
                "negative": ("text",), "model": ("model_name",)}
+ROLES = tuple(ROLE_INPUTS)
 SUBJECT_ENCODE, SUBJECT_CONDITIONING, LOADER = "SubjectEncode", "SubjectConditioning", "BlipDiffusionLoader"
 MARK = re.compile(r"batch:([a-z_]+)", re.IGNORECASE)
 

@@ -11,6 +11,22 @@ from .types import SubjectType
 log = logging.getLogger("blip_diffusion")
 
 
+def encode_subject_prompt(clip, subject, prompt: str, category: str, prompt_strength: float = 1.0,
+                          prompt_reps: int = 20, node: str = "SubjectConditioning", label: str = "the subject"):
+    """The published subject prompt encoded by the host CLIP: (layout, cond, pooled). Refuses a CLIP of
+    another width; words cut by the window are named in the server log."""
+    width = host_clip.text_width(clip)  # refuses CLIPs other than SD 1.x first
+    if width != subject.width:
+        raise ValueError(f"{label} is {subject.width} wide but the connected CLIP's embeddings are {width} "
+                         "wide: connect the text encoder that belongs to the subject encoder's model.")
+    layout = host_clip.prompt_layout(clip, prompt, category, prompt_strength, prompt_reps, subject.tokens)
+    if layout.dropped_words:
+        log.warning("%s: the prompt is longer than the %d tokens BLIP-Diffusion reads with %s; these words were "
+                    "dropped: %r", node, prompting.CONTEXT_LENGTH - subject.tokens - 2, label, layout.dropped_words)
+    cond, pooled = host_clip.encode_spliced(clip, layout, subject.embedding[0])
+    return layout, cond, pooled
+
+
 class SubjectConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -59,17 +75,8 @@ class SubjectConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, clip, subject, prompt, target_category, prompt_strength, prompt_reps,
                 subject_strength=strength.PUBLISHED_STRENGTH, subject_end=1.0) -> io.NodeOutput:
-        width = host_clip.text_width(clip)  # refuses CLIPs other than SD 1.x first
         category = (target_category or "").strip() or subject.category
-        if width != subject.width:
-            raise ValueError(f"the subject is {subject.width} wide but the connected CLIP's embeddings are {width} "
-                             "wide: connect the text encoder that belongs to the subject encoder's model.")
-        layout = host_clip.prompt_layout(clip, prompt, category, prompt_strength, prompt_reps, subject.tokens)
-        if layout.dropped_words:
-            log.warning("SubjectConditioning: the prompt is longer than the %d tokens BLIP-Diffusion reads; "
-                        "these words were dropped: %r", prompting.CONTEXT_LENGTH - subject.tokens - 2,
-                        layout.dropped_words)
-        cond, pooled = host_clip.encode_spliced(clip, layout, subject.embedding[0])
+        layout, cond, pooled = encode_subject_prompt(clip, subject, prompt, category, prompt_strength, prompt_reps)
         if subject_strength == strength.PUBLISHED_STRENGTH and subject_end >= 1.0:
             return io.NodeOutput([[cond, {"pooled_output": pooled}]])  # the published conditioning, untouched
         free, free_pooled = host_clip.encode_subject_free(clip, layout, subject.tokens)

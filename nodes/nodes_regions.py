@@ -1,29 +1,12 @@
 """Subjects in Regions: several subjects in one picture, each holding its own region."""
-import logging
-
 import node_helpers
 from comfy_api.latest import io
 
-from ..blip_core import prompting, regions
-from . import host_clip
+from ..blip_core import regions
+from .nodes_conditioning import encode_subject_prompt
 from .types import SubjectType
 
-log = logging.getLogger("blip_diffusion")
 SLOTS = 4  # subjects a node takes; the first two are required
-
-
-def subject_region_conditioning(clip, subject, prompt: str, name: str):
-    """The subject's conditioning for ``prompt`` as Subject Conditioning makes it (published strength and reps)."""
-    if host_clip.text_width(clip) != subject.width:
-        raise ValueError(f"{name} is {subject.width} wide but the connected CLIP's embeddings are "
-                         f"{host_clip.text_width(clip)} wide: connect the text encoder of the subjects' model.")
-    layout = host_clip.prompt_layout(clip, prompt, subject.category, 1.0, 20, subject.tokens)
-    if layout.dropped_words:
-        log.warning("Subjects in Regions: the scene prompt is longer than the %d tokens BLIP-Diffusion reads "
-                    "with %s; these words were dropped: %r", prompting.CONTEXT_LENGTH - subject.tokens - 2, name,
-                    layout.dropped_words)
-    cond, pooled = host_clip.encode_spliced(clip, layout, subject.embedding[0])
-    return [[cond, {"pooled_output": pooled}]]
 
 
 def masked(conditioning, region):
@@ -85,7 +68,10 @@ class SubjectRegions(io.ComfyNode):
         if scene.gt(0).any():  # the subjects may cover the whole picture
             out += masked(clip.encode_from_tokens_scheduled(clip.tokenize(scene_prompt)), scene)
         for name, region in zip(names, maps):
-            out += masked(subject_region_conditioning(clip, slots[name], scene_prompt, name), region)
+            subject = slots[name]
+            _, cond, pooled = encode_subject_prompt(clip, subject, scene_prompt, subject.category,
+                                                    node="Subjects in Regions", label=name)
+            out += masked([[cond, {"pooled_output": pooled}]], region)
         return io.NodeOutput(out)
 
 
