@@ -1,5 +1,8 @@
 """The output folder's manifest.json: one record per item, rewritten atomically on every change.
 
+A record's ``batch`` (seed, size, index), when its prompt rendered several items as one latent
+batch, says how to render its image again: that seed and batch size, image ``index`` of the batch.
+
 Record states: ``queued`` (a prompt id was chosen and written here *before* the prompt was
 posted, so a crash at any point leaves the id behind for the next run to look up on the host),
 ``done`` (outputs downloaded, file names listed), ``failed`` (with the error message).
@@ -86,21 +89,23 @@ class Manifest:
 
     def pending(self, item_id: str) -> None:
         """To be queued by this run: a new item, a failed one tried again, a record without a prompt id."""
-        self._enter(item_id, PENDING, drop=("error", "server"))
+        self._enter(item_id, PENDING, drop=("error", "server", "batch"))
 
-    def queued(self, item_id: str, source: str, params: dict, server: str | None = None) -> str:
-        """About to be posted; returns the prompt id to post it under.
-
-        The same id again only when the record is still queued (it was recorded, then the tool died or
-        the host forgot it: the host never ran it); anything else gets a new id and counts an attempt.
+    def queued(self, item_id: str, source: str, params: dict, server: str | None = None,
+               prompt_id: str | None = None, batch: dict | None = None) -> str:
+        """About to be posted; returns the prompt id to post it under: ``prompt_id`` when given (the items of
+        one latent batch share one), else the recorded one if the record is still queued (it was recorded,
+        then the tool died or the host forgot it: the host never ran it), else a new one. A new id counts an
+        attempt. ``batch``: seed, size and index of its image in the prompt's latent batch.
         """
         record = self.records.get(item_id) or {}
-        reuse = record.get("status") == QUEUED and record.get("prompt_id")
-        prompt_id = record["prompt_id"] if reuse else str(uuid.uuid4())
+        recorded = record.get("prompt_id") if record.get("status") == QUEUED else None
+        prompt_id = prompt_id or recorded or str(uuid.uuid4())
         self._enter(item_id, QUEUED, drop=("error", "outputs", "finished_at", "render_seconds", "encoder_ran")
-                    + (() if server else ("server",)), prompt_id=prompt_id, queued_at=now_iso(),
-                    attempts=record.get("attempts", 0) + (0 if reuse else 1), source=source, params=params,
-                    **({"server": server} if server else {}))
+                    + (() if server else ("server",)) + (() if batch else ("batch",)), prompt_id=prompt_id,
+                    queued_at=now_iso(), attempts=record.get("attempts", 0) + (prompt_id != recorded),
+                    source=source, params=params, **({"server": server} if server else {}),
+                    **({"batch": batch} if batch else {}))
         return prompt_id
 
     def posted_as(self, item_id: str, prompt_id: str) -> None:
@@ -109,12 +114,12 @@ class Manifest:
 
     def cancelled(self, item_id: str) -> None:
         """Taken off the host's queue before it started (Ctrl-C): the next run queues it under a new id."""
-        self._enter(item_id, PENDING, drop=("prompt_id", "queued_at", "server"))
+        self._enter(item_id, PENDING, drop=("prompt_id", "queued_at", "server", "batch"))
 
     def released(self, item_id: str) -> None:
         """Back to the pool from a server that died, or that this run does not use: another server renders it
         under a new prompt id (the old one belongs to that server; whatever it still makes of it is ignored)."""
-        self._enter(item_id, PENDING, drop=("prompt_id", "queued_at", "server", "outputs"))
+        self._enter(item_id, PENDING, drop=("prompt_id", "queued_at", "server", "outputs", "batch"))
 
     def done(self, item_id: str, outputs: list[str], render_seconds: float | None, encoder_ran: bool,
              host_outputs: list[dict], server: str | None = None) -> None:
@@ -131,7 +136,7 @@ class Manifest:
 
     def outputs_lost(self, item_id: str) -> None:
         """Done, but its images are gone here and on the host: render it again under a new prompt id."""
-        self._enter(item_id, PENDING, drop=("prompt_id", "error", "outputs", "server"))
+        self._enter(item_id, PENDING, drop=("prompt_id", "error", "outputs", "server", "batch"))
 
     def summary(self) -> dict:
         counts = {"total": len(self.order), DONE: 0, FAILED: 0, QUEUED: 0, PENDING: 0}

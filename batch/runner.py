@@ -11,11 +11,17 @@ item's prompt id is looked up on the server the manifest names (still queued or 
 it; finished: collect it; unknown to it: post it again under the same id, it never ran); a queued
 item whose server is not in this run goes back to the pool under a new id; ``failed`` items are
 tried again unless --no-retry-failed; everything else is queued.
+
+With ``batch_size`` above 1, items that differ only in their seed are rendered together, as one prompt
+whose latent batch holds them (one UNet call per step for all of them): the prompt takes the first
+item's seed, image k of its batch is item k's, and each record keeps ``batch`` (seed, size, index) to
+render that image again. Such a prompt's items share its prompt id, and move between states together.
 """
 from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections import OrderedDict, deque
 from pathlib import Path
 
@@ -47,7 +53,7 @@ class Lane:
         self.label = server_label(self.url)
         self.client = BatchClient(self.url, client_id, retry_for=0)  # one try: the run decides what a failure means
         self.events = Events(self.url, client_id)
-        self.inflight: OrderedDict[str, str] = OrderedDict()  # prompt id -> item id, in queue order
+        self.inflight: OrderedDict[str, list[str]] = OrderedDict()  # prompt id -> its item ids, in queue order
         self.finishing: set[str] = set()  # prompt ids the host said ended; their history may lag
         self.subject = None  # the subject of the items it was last given
         self.check = check  # run when it first answers: None if it can render the batch, else why not
@@ -80,6 +86,10 @@ class Pool:
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
 
+    def add_all(self, item_ids, front: bool = False) -> None:
+        for item_id in (reversed(item_ids) if front else item_ids):
+            self.add(item_id, front)
+
     def __bool__(self) -> bool:
         return bool(self.groups)
 
@@ -92,26 +102,33 @@ class Pool:
         else:
             group.append(item_id)
 
-    def take(self, lane: Lane, held: set) -> str:
-        """The next item for ``lane``: its own subject's; else a subject no other busy server holds; else a
-        share of the subject with the most items left (an idle server helps rather than waits)."""
+    def take(self, lane: Lane, held: set, size: int = 1, render_key=None) -> list[str]:
+        """The next items for ``lane``: its own subject's; else a subject no other busy server holds; else a
+        share of the subject with the most items left (an idle server helps rather than waits). The first
+        item, and up to ``size - 1`` more of its subject with the same ``render_key`` (all but the seed)."""
         key = lane.subject if lane.subject in self.groups else None
         if key is None:
             key = next((k for k in self.groups if k not in held), None)
         if key is None:
             key = max(self.groups, key=lambda k: len(self.groups[k]))
         group = self.groups[key]
-        item_id = group.popleft()
+        taken = [group.popleft()]
+        if size > 1:
+            same = render_key(taken[0])
+            for item_id in [i for i in group if render_key(i) == same][:size - 1]:
+                group.remove(item_id)
+                taken.append(item_id)
         if not group:
             del self.groups[key]
         lane.subject = key
-        return item_id
+        return taken
 
 
 class Runner:
     def __init__(self, lanes: list[Lane], manifest: Manifest, items: list[Item], template: Template,
                  model: str | None, out_dir: Path, ahead: int = 3, retry_failed: bool = True,
-                 cancel_on_stop: bool = True, progress: bool = True, log=None, retry_for: float = 120.0):
+                 cancel_on_stop: bool = True, progress: bool = True, log=None, retry_for: float = 120.0,
+                 batch_size: int = 1):
         self.lanes, self.manifest, self.template, self.model = lanes, manifest, template, model
         self.by_url = {lane.url: lane for lane in lanes}
         self.items = {item.id: item for item in items}
@@ -120,6 +137,8 @@ class Runner:
         self.ahead = max(1, ahead)
         self.retry_failed, self.cancel_on_stop = retry_failed, cancel_on_stop
         self.retry_for = retry_for
+        self.batch_size = max(1, batch_size)
+        self.posted: set[str] = set()  # prompt ids this run has posted (one id never carries two prompts)
         self.progress_enabled = progress
         self.log_fn = log
         self.pool = Pool(lambda item_id: self.items[item_id].subject_key)
@@ -137,7 +156,12 @@ class Runner:
             self.log_fn(line)
 
     def _inflight(self) -> int:
-        return sum(len(lane.inflight) for lane in self.lanes)
+        return sum(len(items) for lane in self.lanes for items in lane.inflight.values())
+
+    def _render_key(self, item_id: str) -> tuple:
+        params = self.items[item_id].params()
+        params.pop("seed")
+        return tuple(sorted(params.items()))
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -198,26 +222,27 @@ class Runner:
     # -- resume ----------------------------------------------------------------------------
     def _reconcile(self) -> None:
         """Sort the batch's items into skip / adopt from a server / queue, from the manifest."""
-        recover = []
+        recover: OrderedDict[str, list[str]] = OrderedDict()  # prompt id -> its items
         for item_id in self.order:
             rec = self.manifest.get(item_id) or {}
             status = rec.get("status")
             if status == DONE:
                 if self._outputs_exist(rec):
                     continue
-                if rec.get("prompt_id"):
-                    recover.append(item_id)  # files gone: fetch them again from the host if it still has them
+                if rec.get("prompt_id"):  # files gone: fetch them again from the host if it still has them
+                    recover.setdefault(rec["prompt_id"], []).append(item_id)
                     continue
             elif status == FAILED and not self.retry_failed:
                 continue
             elif status == QUEUED and rec.get("prompt_id"):
-                recover.append(item_id)
+                recover.setdefault(rec["prompt_id"], []).append(item_id)
                 continue
             self.manifest.pending(item_id)
         counts = {"adopted": 0, "collected": 0, "elsewhere": 0}
         queues: dict[str, tuple[set, set]] = {}
-        for item_id in recover:
-            self._recover(item_id, queues, counts)
+        for pid, item_ids in recover.items():
+            item_ids.sort(key=lambda i: (self.manifest.get(i).get("batch") or {}).get("index", 0))
+            self._recover(pid, item_ids, queues, counts)
         held = {pid for lane in self.lanes for pid in lane.inflight}
         for item_id in self.order:
             rec = self.manifest.get(item_id)
@@ -232,21 +257,23 @@ class Runner:
             self.log(f"resuming: {s['done']} done, {counts['collected']} collected from the host, "
                      f"{counts['adopted']} still queued there{moved}, {len(self.pool)} to queue")
 
-    def _recover(self, item_id: str, queues: dict, counts: dict) -> None:
-        """A queued item (or a done one whose files are gone): look its prompt id up where it was posted."""
-        rec = self.manifest.get(item_id)
-        pid, server, was_done = rec["prompt_id"], rec.get("server"), rec["status"] == DONE
+    def _recover(self, pid: str, item_ids: list[str], queues: dict, counts: dict) -> None:
+        """A queued prompt's items (or done ones whose files are gone): look its id up where it was posted."""
+        rec = self.manifest.get(item_ids[0])
+        server = rec.get("server")
+        was_done = [i for i in item_ids if self.manifest.status(i) == DONE]
         if server and server.rstrip("/") not in self.by_url:
             # its prompt id means nothing to the servers of this run: render it here under a new id
-            self.manifest.released(item_id)
-            counts["elsewhere"] += not was_done
+            for item_id in item_ids:
+                self.manifest.released(item_id)
+            counts["elsewhere"] += len(item_ids) - len(was_done)
             return
         # where it was posted; an older manifest names no server: ask each
         lanes = [self.by_url[server.rstrip("/")]] if server else self.lanes
         for lane in lanes:
             if not lane.up:
-                if server:  # it may come back within --retry-for; else the item goes back to the pool
-                    lane.inflight[pid] = item_id
+                if server:  # it may come back within --retry-for; else the items go back to the pool
+                    lane.inflight[pid] = item_ids
                     return
                 continue
             try:
@@ -254,23 +281,23 @@ class Runner:
                     queues[lane.url] = lane.client.queue_state()
                 running, pending = queues[lane.url]
                 if pid in running or pid in pending:
-                    lane.inflight[pid] = item_id
-                    counts["adopted"] += 1
+                    lane.inflight[pid] = item_ids
+                    counts["adopted"] += len(item_ids)
                     return
                 entry = lane.client.finished(pid)
                 if entry is not None:
-                    if self._finalize(lane, pid, entry, item_id, quiet=True):
-                        counts["collected"] += 1
+                    if self._finalize(lane, pid, entry, item_ids, quiet=True):
+                        counts["collected"] += len(item_ids)
                     return
             except LaneTrouble as e:
                 self._lane_down(lane, e)
                 if server:
-                    lane.inflight[pid] = item_id
+                    lane.inflight[pid] = item_ids
                     return
-        if was_done:  # its files are gone here and on the host: render it again
+        for item_id in was_done:  # its files are gone here and on the host: render it again
             self.manifest.outputs_lost(item_id)
         # else: queued, but the host never got it (killed before the post) or lost it (restarted):
-        # it never ran, so it is posted again under the same prompt id.
+        # it never ran, so it is posted again under the same prompt id (unless this run posted that id).
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -279,8 +306,8 @@ class Runner:
             for lane in self.lanes:
                 while self.pool and lane.up and len(lane.inflight) < self.ahead and not self.stop_requested:
                     held = {other.subject for other in self.lanes if other is not lane and other.up and other.inflight}
-                    item_id = self.pool.take(lane, held)
-                    self._guard(lane, self._submit, lane, item_id)
+                    item_ids = self.pool.take(lane, held, self.batch_size, self._render_key)
+                    self._guard(lane, self._submit, lane, item_ids)
             if not self.stop_requested:
                 self._wait_step()
 
@@ -311,10 +338,11 @@ class Runner:
     def _release(self, lane: Lane, why: str) -> None:
         """Its prompts go back to the pool (front), each under a new prompt id on whichever server takes it."""
         moved = list(lane.inflight.items())
-        for pid, item_id in reversed(moved):
-            if self.manifest.status(item_id) in (QUEUED, DONE):
-                self.manifest.released(item_id)
-            self.pool.add(item_id, front=True)
+        for pid, item_ids in reversed(moved):
+            for item_id in item_ids:
+                if self.manifest.status(item_id) in (QUEUED, DONE):
+                    self.manifest.released(item_id)
+            self.pool.add_all(item_ids, front=True)
         lane.released += [pid for pid, _ in moved]
         lane.inflight.clear()
         lane.finishing.clear()
@@ -345,102 +373,133 @@ class Runner:
             lane.released = []
 
     # -- one item ---------------------------------------------------------------------------
-    def _submit(self, lane: Lane, item_id: str) -> None:
-        item = self.items[item_id]
+    def _submit(self, lane: Lane, item_ids: list[str]) -> None:
+        """Post one prompt that renders ``item_ids`` (items alike but for the seed) as one latent batch."""
+        item = self.items[item_ids[0]]
         if not item.image_path.is_file():
-            self._fail(item_id, f"image not found: {item.image_path} (from {item.source})")
+            self._fail(item_ids, f"image not found: {item.image_path} (from {item.source})")
             return
         if item.image_sha256 is None:
-            self._fail(item_id, f"cannot read image {item.image_path} (from {item.source})")
+            self._fail(item_ids, f"cannot read image {item.image_path} (from {item.source})")
             return
         try:
             image_ref = lane.client.upload_image(item.image_path, item.image_sha256)
         except LaneTrouble:
-            self.pool.add(item_id, front=True)
+            self.pool.add_all(item_ids, front=True)
             raise
         except Exception as e:  # noqa: BLE001 - recorded per item
-            self._fail(item_id, f"upload failed: {e}", lane)
+            self._fail(item_ids, f"upload failed: {e}", lane)
             return
         prompt = self.template.fill(item, image_ref, self.model,
-                                    f"blip_batch/{self.manifest.batch_id[:8]}/{item.id}")
-        prompt_id = self.manifest.queued(item_id, item.source, item.params(), server=lane.url)
+                                    f"blip_batch/{self.manifest.batch_id[:8]}/{item.id}", batch_size=len(item_ids))
+        first = self.manifest.get(item.id) or {}
+        # the id recorded for a prompt the host never got is posted again, unless this run already used it
+        prompt_id = first.get("prompt_id") if first.get("status") == QUEUED else None
+        if prompt_id is None or prompt_id in self.posted:
+            prompt_id = str(uuid.uuid4())
+        batch = len(item_ids) > 1
+        for k, item_id in enumerate(item_ids):
+            prompt_id = self.manifest.queued(
+                item_id, self.items[item_id].source, self.items[item_id].params(), server=lane.url,
+                prompt_id=prompt_id, batch={"seed": item.seed, "size": len(item_ids), "index": k} if batch else None)
+        self.posted.add(prompt_id)
         self.manifest.save()  # the prompt id is on disk before the host can run it
-        lane.inflight[prompt_id] = item_id  # a post that fails half-way is sorted out by the next poll
+        lane.inflight[prompt_id] = list(item_ids)  # a post that fails half-way is sorted out by the next poll
         if lane.busy_since is None:
             lane.busy_since = time.monotonic()
+        tag = {"batch": self.manifest.batch_id, "item": item_ids[0]}
+        if batch:
+            tag["items"] = list(item_ids)
         try:
-            host_id = lane.client.post_prompt(prompt, prompt_id, {"blip_batch": {"batch": self.manifest.batch_id,
-                                                                                 "item": item_id}})
+            host_id = lane.client.post_prompt(prompt, prompt_id, {"blip_batch": tag})
         except PromptRejected as e:
             lane.inflight.pop(prompt_id, None)
-            self._fail(item_id, f"rejected by the host: {rejection_message(e.payload)}", lane)
+            self._fail(item_ids, f"rejected by the host: {rejection_message(e.payload)}", lane)
             return
         if host_id != prompt_id:  # an old host that picks its own ids: a crash right here could repeat it
-            self.manifest.posted_as(item_id, host_id)
+            for item_id in item_ids:
+                self.manifest.posted_as(item_id, host_id)
             self.manifest.save()
             lane.inflight.pop(prompt_id, None)
-            lane.inflight[host_id] = item_id
+            lane.inflight[host_id] = list(item_ids)
 
-    def _fail(self, item_id: str, message: str, lane: Lane | None = None) -> None:
-        item = self.items.get(item_id)
-        extra = {"source": item.source, "params": item.params()} if item else {}
-        self.manifest.failed(item_id, message, server=lane.url if lane else None, **extra)
+    def _fail(self, item_ids: list[str], message: str, lane: Lane | None = None) -> None:
+        for item_id in item_ids:
+            item = self.items.get(item_id)
+            extra = {"source": item.source, "params": item.params()} if item else {}
+            self.manifest.failed(item_id, message, server=lane.url if lane else None, **extra)
+            self.stats["failed_now"] += 1
+            self.log(f"FAILED {item_id}: {message}" + (f" (on {lane.label})" if lane and self.several else ""))
+            if self.bar is not None:
+                self.bar.advance()
         self.manifest.save()
-        self.stats["failed_now"] += 1
-        self.log(f"FAILED {item_id}: {message}" + (f" (on {lane.label})" if lane and self.several else ""))
-        if self.bar is not None:
-            self.bar.advance()
 
     def _outputs_exist(self, rec: dict) -> bool:
         outs = rec.get("outputs") or []
         return bool(outs) and all((self.out_dir / name).is_file() for name in outs)
 
-    def _finalize(self, lane: Lane, prompt_id: str, entry: PromptHistory, item_id: str | None = None,
+    def _images_of(self, item_ids: list[str], outputs: dict) -> dict[str, list[dict]] | str:
+        """Each item's output images (first save's first), or why they cannot be told apart.
+
+        One item: all images of the prompt. A latent batch of n: every save holds n images in batch
+        order, and item k takes image k of each (its record's batch index)."""
+        saves = self.template.slots.saves  # the template's order: the first save's images come first
+        per_save = [[img for img in outputs[node].get("images", []) if img.get("type", "output") == "output"]
+                    for node in sorted(outputs, key=lambda n: (saves.index(n) if n in saves else len(saves), n))]
+        per_save = [images for images in per_save if images]
+        if not per_save:
+            return "the prompt finished without saving an image"
+        batch = (self.manifest.get(item_ids[0]) or {}).get("batch")
+        if not batch:
+            return {item_ids[0]: [img for images in per_save for img in images]}
+        if any(len(images) != batch["size"] for images in per_save):
+            return (f"a save gave {[len(images) for images in per_save]} image(s) for a latent batch of "
+                    f"{batch['size']}: render this workflow with --batch-size 1")
+        return {i: [images[self.manifest.get(i)["batch"]["index"]] for images in per_save] for i in item_ids}
+
+    def _finalize(self, lane: Lane, prompt_id: str, entry: PromptHistory, item_ids: list[str] | None = None,
                   quiet: bool = False) -> bool:
         """Record a finished prompt: download its images (done) or keep its error (failed).
 
         A server that stops answering half-way leaves the prompt in its ``inflight``: collected later."""
-        item_id = item_id or lane.inflight[prompt_id]
-        if not entry.succeeded:
+        item_ids = item_ids or lane.inflight[prompt_id]
+        found = self._images_of(item_ids, entry.outputs) if entry.succeeded else entry.error_message()
+        if isinstance(found, str):
             self._forget(lane, prompt_id)
-            self._fail(item_id, entry.error_message(), lane)
+            self._fail(item_ids, found, lane)
             return False
-        outputs = entry.outputs
-        saves = self.template.slots.saves  # the template's order: the first save's images come first
-        images = [img for node in sorted(outputs, key=lambda n: (saves.index(n) if n in saves else len(saves), n))
-                  for img in outputs[node].get("images", []) if img.get("type", "output") == "output"]
-        if not images:
-            self._forget(lane, prompt_id)
-            self._fail(item_id, "the prompt finished without saving an image", lane)
-            return False
-        names = []
+        names: dict[str, list[str]] = {}
         try:
-            for k, image in enumerate(images):
-                suffix = Path(image["filename"]).suffix or ".png"
-                name = f"{item_id}{suffix}" if len(images) == 1 else f"{item_id}_{k}{suffix}"
-                atomic_write(self.out_dir / name, lane.client.view(image))
-                names.append(name)
+            for item_id, images in found.items():
+                names[item_id] = []
+                for k, image in enumerate(images):
+                    suffix = Path(image["filename"]).suffix or ".png"
+                    name = f"{item_id}{suffix}" if len(images) == 1 else f"{item_id}_{k}{suffix}"
+                    atomic_write(self.out_dir / name, lane.client.view(image))
+                    names[item_id].append(name)
         except LaneTrouble:
             raise
         except Exception as e:  # noqa: BLE001
             self._forget(lane, prompt_id)
-            self._fail(item_id, f"could not download the output from the host: {e}", lane)
+            self._fail(item_ids, f"could not download the output from the host: {e}", lane)
             return False
         self._forget(lane, prompt_id)
         encoder = self.template.encoder_node
         encoder_ran = encoder is not None and encoder not in entry.cached_nodes()
         seconds = entry.execution_seconds()
-        self.manifest.done(item_id, names, seconds, encoder_ran, images, server=lane.url)
+        for item_id, images in found.items():
+            self.manifest.done(item_id, names[item_id], seconds, encoder_ran, images, server=lane.url)
         self.manifest.save()
-        self.stats["rendered"] += 1
+        self.stats["rendered"] += len(found)
         self.stats["encoder_runs"] += int(encoder_ran)
-        lane.rendered += 1
+        lane.rendered += len(found)
         if self.bar is not None:
-            self.bar.advance()
+            self.bar.advance(len(found))
             if self.several:
                 self.bar.set_servers(self._rates())
         if not quiet:
-            self.log(f"done {item_id} -> {', '.join(names)}"
+            shown = ", ".join(n for item_names in names.values() for n in item_names)
+            self.log(f"done {', '.join(found)} -> {shown}"
                      + (f" ({seconds:.1f}s{', subject encoded' if encoder_ran else ''}"
                         f"{f' on {lane.label}' if self.several else ''})" if seconds else ""))
         return True
@@ -468,7 +527,7 @@ class Runner:
             prompt_id = data.get("prompt_id")
             if prompt_id not in lane.inflight:
                 continue
-            item_id = lane.inflight[prompt_id]
+            item_id = "+".join(lane.inflight[prompt_id])
             prefix = f"{lane.label} " if self.several else ""
             if kind == "executing":
                 if data.get("node") is None:
@@ -491,20 +550,21 @@ class Runner:
     def _poll(self, lane: Lane) -> None:
         running, pending = lane.client.queue_state()
         lost = []
-        for prompt_id, item_id in list(lane.inflight.items()):
+        for prompt_id, item_ids in list(lane.inflight.items()):
             if prompt_id in running or prompt_id in pending:
                 continue
             entry = lane.client.finished(prompt_id)
             if entry is not None:
                 self._finalize(lane, prompt_id, entry)
             else:
-                lost.append((prompt_id, item_id))
-        for prompt_id, item_id in reversed(lost):  # the host forgot them (restarted): post again, first
+                lost.append((prompt_id, item_ids))
+        for prompt_id, item_ids in reversed(lost):  # the host forgot them (restarted): post again, first
             self._forget(lane, prompt_id)
-            if self.manifest.status(item_id) == DONE:  # files gone here, prompt gone there: render again
-                self.manifest.outputs_lost(item_id)
-            self.pool.add(item_id, front=True)
-            self.log(f"the host {lane.label} lost {item_id} (restarted?); queueing it again")
+            for item_id in item_ids:
+                if self.manifest.status(item_id) == DONE:  # files gone here, prompt gone there: render again
+                    self.manifest.outputs_lost(item_id)
+            self.pool.add_all(item_ids, front=True)
+            self.log(f"the host {lane.label} lost {', '.join(item_ids)} (restarted?); queueing again")
 
     def _wind_down(self) -> None:
         """After Ctrl-C: take our not-started prompts off the host queues; running ones are left to finish."""
@@ -527,7 +587,8 @@ class Runner:
         for pid in ours:
             if pid in running or pid in pending or lane.client.finished(pid) is not None:
                 continue  # it started before the delete: the next run collects it
-            self.manifest.cancelled(lane.inflight.pop(pid))
+            for item_id in lane.inflight.pop(pid):
+                self.manifest.cancelled(item_id)
             cancelled += 1
         self.manifest.save()
         left = len(lane.inflight)

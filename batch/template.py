@@ -9,7 +9,7 @@ nodes instead of relying on node ids:
     prompt    the SubjectConditioning feeding the sampler's positive side (``prompt``, ``target_category``)
     sampler   the first sampler downstream of that conditioning: its seed (or its RandomNoise's),
               cfg (or its CFGGuider's), steps (or its scheduler's), the negative CLIPTextEncode's text,
-              and the width/height of the empty latent it starts from
+              and the width/height (and batch_size, for --batch-size) of the empty latent it starts from
     model     the BlipDiffusionLoader, when there is exactly one
     save      every node with a ``filename_prefix`` (SaveImage and friends): all their images are collected
 
@@ -230,6 +230,8 @@ def locate(nodes: dict) -> tuple[Slots, list[str]]:
         if role == "size":
             place("width", node, role, ("width",))
             place("height", node, role, ("height",))
+            if node and g.literal(node, "batch_size"):
+                slots.inputs["batch_size"] = (node, "batch_size")
         else:
             place(role, node, role)
 
@@ -284,10 +286,12 @@ class Template:
                 "height": self.value("height") or 512, "negative": self.value("negative") or "",
                 "cfg": self.value("cfg") if self.value("cfg") is not None else 7.5, "target_category": ""}
 
-    def fill(self, item, image_ref: str, model: str | None, save_prefix: str) -> dict:
+    def fill(self, item, image_ref: str, model: str | None, save_prefix: str, batch_size: int = 1) -> dict:
+        """The prompt that renders ``item``; ``batch_size`` latents from its seed (one image per latent)."""
         values = {"image": image_ref, "category": item.category, "prompt": item.prompt, "seed": item.seed,
                   "steps": item.steps, "width": item.width, "height": item.height, "negative": item.negative,
-                  "cfg": item.cfg, "target_category": item.target_category or None, "model": model}
+                  "cfg": item.cfg, "target_category": item.target_category or None, "model": model,
+                  "batch_size": batch_size}
         g = copy.deepcopy(self.graph)
         for field_name, value in values.items():
             if value is not None and self.has(field_name):

@@ -281,6 +281,20 @@ def test_manifest_transitions_set_and_drop_their_fields(tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["summary"] == {
         "total": 1, "done": 0, "failed": 0, "queued": 0, "pending": 1}
 
+    # a latent batch: its items take the prompt id they are given and keep where their image sits
+    shared = m.queued("a", **about, batch={"seed": 1, "size": 2, "index": 0})
+    assert m.queued("b", **about, prompt_id=shared, batch={"seed": 1, "size": 2, "index": 1}) == shared
+    assert m.get("b")["batch"] == {"seed": 1, "size": 2, "index": 1} and m.get("b")["attempts"] == 1
+    m.done("b", ["b.png"], 1.0, False, [])
+    assert m.get("b")["batch"]["index"] == 1  # done: says how to render the image again
+    tries = m.get("a")["attempts"]
+    assert m.queued("a", **about, prompt_id="new") == "new" and m.get("a")["attempts"] == tries + 1  # a new prompt
+    assert "batch" not in m.get("a")  # alone this time: its own seed
+    for back in (m.pending, m.cancelled, m.released, m.outputs_lost):
+        m.queued("b", **about, batch={"seed": 1, "size": 2, "index": 1})
+        back("b")
+        assert "batch" not in m.get("b"), back.__name__
+
 
 def test_history_entry_is_read_in_one_place():
     from blip_diffusion.api.history import PromptHistory
@@ -483,3 +497,63 @@ def test_crash_between_recording_and_posting_a_prompt(comfy_server, api, tmp_pat
     check_done(out, rec)
     assert rec["prompt_id"] == prompt_id
     assert list(batch_history(api, batch_id)) == [prompt_id]
+
+
+def test_seeds_of_one_subject_and_prompt_share_a_latent_batch(comfy_server, api, tmp_path):
+    """--batch-size 3 over seeds 5-9 of one prompt and one other prompt: three prompts (5,6,7 | 8,9 | the
+    other), each image saved under its own item, and each recorded (seed, size, index) renders that image
+    again on its own: the shipped graph with its latent batch cut to that index by the host's
+    LatentFromBatch (whose batch_index makes the host draw that image's noise, and only it)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from blip_diffusion.batch.template import Template
+
+    noise_image(tmp_path / "dog.png")
+    batch = tmp_path / "b.jsonl"
+    lines = [{"image": "dog.png", "category": "dog", "prompt": "in the snow", "seed": s, **SMALL} for s in range(5, 10)]
+    lines.append({"image": "dog.png", "category": "dog", "prompt": "on a beach", "seed": 5, **SMALL})
+    batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    proc = run_tool(batch, out, comfy_server, "--batch-size", "3", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = manifest(out)
+    assert m["summary"]["done"] == 6
+    by_seed = {(r["params"]["prompt"], r["params"]["seed"]): r for r in m["items"]}
+    snow = [by_seed[("in the snow", s)] for s in range(5, 10)]
+    assert [r.get("batch") for r in snow] == [{"seed": 5, "size": 3, "index": k} for k in range(3)] + \
+        [{"seed": 8, "size": 2, "index": k} for k in range(2)]
+    beach = by_seed[("on a beach", 5)]
+    assert "batch" not in beach  # alone in its prompt: its own seed, as without --batch-size
+    assert len({r["prompt_id"] for r in snow[:3]}) == 1 and len({r["prompt_id"] for r in snow[3:]}) == 1
+    history = batch_history(api, m["batch_id"])
+    assert len(history) == 3 and set(history) == {r["prompt_id"] for r in m["items"]}
+    latents = {e["prompt"][2]["latent"]["inputs"]["batch_size"] for e in history.values()}
+    assert latents == {3, 2, 1}
+    for rec in m["items"]:
+        check_done(out, rec)
+
+    def pixels(data: bytes):
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB")).astype(np.int16)
+
+    saved = {r["id"]: pixels((out / r["outputs"][0]).read_bytes()) for r in m["items"]}
+    assert len({saved[r["id"]].tobytes() for r in snow}) == 5  # five different noises
+
+    template = Template()
+    upload = history[snow[0]["prompt_id"]]["prompt"][2]["reference"]["inputs"]["image"]
+    for rec in (snow[1], snow[4]):
+        item = SimpleNamespace(**{**rec["params"], "seed": rec["batch"]["seed"]})
+        graph = template.fill(item, upload, MODEL, f"again/{rec['id']}", batch_size=rec["batch"]["size"])
+        graph["pick"] = {"class_type": "LatentFromBatch",
+                         "inputs": {"samples": ["latent", 0], "batch_index": rec["batch"]["index"], "length": 1}}
+        graph["sample"]["inputs"]["latent_image"] = ["pick", 0]
+        again = pixels(api.view(api.run(graph).images()[0]))
+        diff = np.abs(again - saved[rec["id"]])
+        others = min(np.abs(again - saved[o["id"]]).mean() for o in snow if o is not rec)
+        print(f"{rec['id']} rendered again alone: max |diff| {diff.max()}, mean {diff.mean():.4f} "
+              f"(nearest other image: mean {others:.1f})")
+        # one image alone vs inside a batch of 3: the same noise, the UNet's batched sums may round apart
+        assert diff.max() <= 2 and others > 10
