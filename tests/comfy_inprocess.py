@@ -11,12 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import COMFYUI
 
 
 def comfyui_dir() -> Path:
     env = os.environ.get("COMFYUI_DIR")
-    path = Path(env) if env else ROOT / ".cache" / "ComfyUI"
+    path = Path(env) if env else COMFYUI
     if not (path / "comfy" / "samplers.py").exists():
         raise RuntimeError(f"no ComfyUI tree at {path}: run scripts/setup_host.sh or set COMFYUI_DIR")
     return path

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
+from paths import ROOT, TEST_MODEL, model_dir  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -25,7 +26,7 @@ def generated_model_dir(size: str = "test", components: str = "all") -> Path:
     """The generated released-layout model of this size, written on first use (at least ``components``)."""
     from refenv import reference_python, offline_env
 
-    out = ROOT / ".cache" / "models" / f"blip-diffusion-{size}"
+    out = model_dir(size)
     proc = subprocess.run([str(reference_python()), str(ROOT / "scripts" / "make_weights.py"), "--size", size,
                            "--components", components],
                           capture_output=True, text=True, env=offline_env(), timeout=3600)
@@ -40,15 +41,11 @@ def test_model_dir() -> Path:
 
 
 def comfy_on_path():
-    """Make the host's modules importable in this process (CPU only)."""
-    from blip_diffusion.api.server import comfyui_dir
-
-    path = str(comfyui_dir())
-    if path not in sys.path:
-        sys.path.append(path)
+    """Make the host's modules importable in this process (CPU only, tests/comfy_inprocess.py), with the
+    text encoder in fp32 as the session host runs it."""
+    import comfy_inprocess  # noqa: F401  (puts comfy on sys.path, CPU mode)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
     comfy.cli_args.args.fp32_text_enc = True  # fp16 would move numbers by ~3e-3 from the reference
 
 
@@ -116,7 +113,7 @@ def comfy_server(test_model_dir, host_unet_file, controlnet_files, tmp_path_fact
     from blip_diffusion.api.server import ComfyServer, make_base_dir
 
     base = make_base_dir(tmp_path_factory.mktemp("comfy-base"), released_names(test_model_dir, host_unet_file, {
-        "blip_diffusion": {"blip-diffusion-test": test_model_dir},
+        "blip_diffusion": {TEST_MODEL: test_model_dir},
         "diffusion_models": {"blipdiff-test-unet.safetensors": host_unet_file},
         "text_encoders": {"blipdiff-test-clip.bin": test_model_dir / "text_encoder" / "pytorch_model.bin"},
         "vae": {"blipdiff-test-vae.bin": test_model_dir / "vae" / "diffusion_pytorch_model.bin"},

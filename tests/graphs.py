@@ -3,7 +3,8 @@ import json
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT
+
 WORKFLOWS = ROOT / "workflows"
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import REF_PYTHON
+
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 
 def reference_python() -> Path:
     env = os.environ.get("BLIP_REF_PYTHON")
-    path = Path(env) if env else ROOT / ".cache" / "ref-venv" / "bin" / "python"
+    path = Path(env) if env else REF_PYTHON
     if not path.exists():
         raise RuntimeError(f"reference environment missing at {path}: run scripts/setup_reference.sh")
     return path

@@ -24,7 +24,8 @@ import pytest
 import requests
 from PIL import Image
 
-from graphs import ROOT, WORKFLOWS
+from graphs import WORKFLOWS
+from paths import ROOT
 
 try:
     from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper

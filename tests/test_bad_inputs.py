@@ -37,14 +37,13 @@ from blip_diffusion.blip_core.subject import Subject
 from blip_diffusion.blip_core.subject_io import load_subject, save_subject
 from encoder_files import save_single_file
 from graphs import api_workflow, put_input_image, zero_shot
-from refenv import ROOT
+from paths import ROOT, TEST_MODEL
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
 SCENE = ROOT / "workflows" / "assets" / "sample_scene.png"
 DOC = ROOT / "docs" / "bad_inputs.md"
-MODEL = "blip-diffusion-test"
 PREFIX = "bi_"  # every file and folder this module creates in the host's folders
-LOADER = {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": MODEL}}
+LOADER = {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": TEST_MODEL}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +232,7 @@ def encoder_loader_graph(env: Env, encoder_name: str) -> dict:
 
 def render_graph(env: Env, seed=1, **positive) -> dict:
     """The shipped zero-shot workflow, tiny: 64 px, 2 steps."""
-    g = zero_shot(MODEL, env.images["sample"], "teapot", "on a beach", seed=seed, steps=2, size=64,
+    g = zero_shot(TEST_MODEL, env.images["sample"], "teapot", "on a beach", seed=seed, steps=2, size=64,
                   save_latent=False)
     g["save"]["inputs"]["filename_prefix"] = f"{PREFIX}render"
     g["positive"]["inputs"].update(positive)

@@ -27,9 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from graphs import put_input_image
-from refenv import ROOT
-
-MODEL = "blip-diffusion-test"
+from paths import ROOT, TEST_MODEL
 SIZE, STEPS, CFG = 64, 2, 7.5
 PROMPT = "on a beach"
 ASSETS = ROOT / "workflows" / "assets"
@@ -39,7 +37,7 @@ TAG = uuid.uuid4().hex[:6]
 # -- graph building ------------------------------------------------------------------------------------
 def base_graph(width: int = SIZE) -> dict:
     return {
-        "loader": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": MODEL}},
+        "loader": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": TEST_MODEL}},
         "negative": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["loader", 1], "text": ""}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": SIZE, "batch_size": 1}},
         "sampler": {"class_type": "BlipPNDMSampler", "inputs": {"full_denoise": True}},

@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from controlnets import DEPTH_FILE, as_diffusers_folder, key_map
 from graphs import api_workflow, put_input_image, shipped
-from refenv import run_reference, ROOT
+from paths import ROOT, TEST_MODEL
+from refenv import run_reference
 from test_conditioning import LONG
 from test_controlnet_graph import IMAGE_TOL, LATENT_TOL, SAMPLE, SIZE, STEPS, assert_reference_hint_is, errors, run_graph
 
@@ -56,11 +57,11 @@ def reference(test_model_dir, depth_diffusers, depth_png):
 def depth_stylisation(image, depth_map, prompt, seed, canny_instead=False) -> dict:
     """The shipped depth workflow with this run's inputs; canny_instead puts the generated model's
     canny ControlNet where the depth one was."""
-    g = shipped("controlnet_depth", "blip-diffusion-test", image, "teapot", prompt, seed, STEPS, SIZE)
+    g = shipped("controlnet_depth", TEST_MODEL, image, "teapot", prompt, seed, STEPS, SIZE)
     g["controlnet_loader"]["inputs"]["control_net_name"] = DEPTH_FILE
     g["edges"]["inputs"]["image"] = depth_map
     if canny_instead:
-        g["controlnet_loader"] = {"class_type": "BlipControlNetLoader", "inputs": {"model_name": "blip-diffusion-test"}}
+        g["controlnet_loader"] = {"class_type": "BlipControlNetLoader", "inputs": {"model_name": TEST_MODEL}}
     g["save_latent"] = {"class_type": "SaveLatent",
                         "inputs": {"samples": ["sample", 0],
                                    "filename_prefix": f"latents/cn_depth_{seed}_{int(canny_instead)}"}}

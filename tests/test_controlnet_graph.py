@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from graphs import put_input_image, shipped
-from refenv import run_reference, ROOT
+from paths import ROOT, TEST_MODEL
+from refenv import run_reference
 from test_conditioning import LONG
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
@@ -103,7 +104,7 @@ def test_reference_hint_is_the_png_on_both_cfg_halves(reference, edges_png):
 def test_controlnet_graph_matches_reference_pipeline(comfy_server, api, reference, edges_png, i):
     image = put_input_image(comfy_server, SAMPLE)
     edges = put_input_image(comfy_server, edges_png)
-    graph = stylisation("blip-diffusion-test", image, edges, "teapot", CASES[i]["prompt"], CASES[i]["seed"],
+    graph = stylisation(TEST_MODEL, image, edges, "teapot", CASES[i]["prompt"], CASES[i]["seed"],
                         STEPS, SIZE)
     latent_err, image_err = errors(reference, i, *run_graph(comfy_server, api, graph))
     print(f"case {i}: latent max abs {latent_err:.2e} (UNet scale), {latent_err / SCALE:.2e} (host scale); "
@@ -115,7 +116,7 @@ def test_controlnet_graph_matches_reference_pipeline(comfy_server, api, referenc
 def test_without_controlnet_the_graph_misses_the_reference(comfy_server, api, reference, edges_png):
     """The gates can fail: the same graph with the ControlNet bypassed is far outside them."""
     image = put_input_image(comfy_server, SAMPLE)
-    graph = stylisation("blip-diffusion-test", image, edges_png.name, "teapot", CASES[0]["prompt"],
+    graph = stylisation(TEST_MODEL, image, edges_png.name, "teapot", CASES[0]["prompt"],
                         CASES[0]["seed"], STEPS, SIZE, controlnet=False)
     latent_err, image_err = errors(reference, 0, *run_graph(comfy_server, api, graph))
     print(f"without ControlNet: latent max abs {latent_err:.2e} (UNet scale); image max {image_err:.2f}/255")

@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from graphs import api_workflow, put_input_image
-from refenv import ROOT, run_reference
+from paths import ROOT, TEST_MODEL
+from refenv import run_reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
@@ -51,7 +52,7 @@ def edit_graph(case: dict, scene: str, subject: str, size: int | None = None) ->
     photo = case.get("mode", "photo") == "photo"
     size = size or case["size"]
     g = api_workflow("edit_photo" if photo else "generate_then_edit")
-    g["loader"]["inputs"]["model_name"] = "blip-diffusion-test"
+    g["loader"]["inputs"]["model_name"] = TEST_MODEL
     g["reference"]["inputs"]["image"] = subject
     g["encode"]["inputs"]["category"] = "teapot"
     g["prompts"]["inputs"].update(source_subject=case["src_subject"], prompt=case["prompt"],

@@ -11,14 +11,14 @@ from blip_diffusion.api.client import ExecutionFailed, PromptRejected
 from blip_diffusion.blip_core import encoder_weights
 from blip_diffusion.blip_core.subject_io import load_subject
 from graphs import put_input_image
-from refenv import ROOT
+from paths import ROOT, TEST_MODEL
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
 
 
 def encode_graph(image: str, category: str, name: str, encoder_node=None, weights: str = "", second=None):
     g = {
-        "loader": encoder_node or {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": "blip-diffusion-test"}},
+        "loader": encoder_node or {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": TEST_MODEL}},
         "img": {"class_type": "LoadImage", "inputs": {"image": image}},
         "encode": {"class_type": "SubjectEncode", "inputs": {
             "subject_encoder": ["loader", 3 if encoder_node is None else 0], "images": ["img", 0],

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from conftest import comfy_on_path
-from refenv import ROOT, run_reference
+from paths import ROOT
+from refenv import run_reference
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
 RES, BATCH, STEPS, SEED, LR, CATEGORY = 64, 3, 3, 1234, 5e-6, "dog"

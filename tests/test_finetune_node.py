@@ -24,11 +24,10 @@ from safetensors.torch import load_file
 
 from blip_diffusion.api.client import ExecutionFailed, PromptRejected
 from graphs import api_workflow, put_input_image, zero_shot
-from refenv import ROOT
+from paths import ROOT, TEST_MODEL
 from test_conditioning import LONG
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
-MODEL = "blip-diffusion-test"
 SIZE, RENDER_STEPS, TRAIN_STEPS = 64, 2, 2
 BASE_SEED, FT_SEED = 21, 33
 FT_PROMPT = "on a beach"
@@ -37,7 +36,7 @@ FT_PROMPT = "on a beach"
 def finetune_graph(image: str, name: str, *, steps=TRAIN_STEPS, mode="full", lr=5e-6, seed=5) -> dict:
     """The shipped workflow, small: 64 px, few steps, a SaveLatent of the fine-tuned render."""
     g = copy.deepcopy(api_workflow("finetune"))
-    g["loader"]["inputs"]["model_name"] = MODEL
+    g["loader"]["inputs"]["model_name"] = TEST_MODEL
     g["photo"]["inputs"]["image"] = image
     g["finetune"]["inputs"].update(steps=steps, resolution=SIZE, seed=seed, mode=mode, learning_rate=lr,
                                    gradient_checkpointing=False)
@@ -52,14 +51,14 @@ def finetune_graph(image: str, name: str, *, steps=TRAIN_STEPS, mode="full", lr=
 
 
 def base_render(image: str, reps: int) -> dict:
-    g = zero_shot(MODEL, image, "teapot", LONG, BASE_SEED, RENDER_STEPS, SIZE)
+    g = zero_shot(TEST_MODEL, image, "teapot", LONG, BASE_SEED, RENDER_STEPS, SIZE)
     g["positive"]["inputs"]["prompt_reps"] = reps
     return g
 
 
 def reload_render(finetune_name: str) -> dict:
     """The base MODEL + Load BLIP-Diffusion Fine-tune, rendered like the fine-tune graph's own render."""
-    g = zero_shot(MODEL, "unused.png", "teapot", FT_PROMPT, FT_SEED, RENDER_STEPS, SIZE)
+    g = zero_shot(TEST_MODEL, "unused.png", "teapot", FT_PROMPT, FT_SEED, RENDER_STEPS, SIZE)
     del g["reference"], g["encode"]
     g["ftload"] = {"class_type": "LoadBlipFinetune",
                    "inputs": {"model": ["loader", 0], "finetune_name": finetune_name, "strength": 1.0}}
@@ -74,7 +73,7 @@ def minimal_graph(images_node: dict, **finetune_inputs) -> dict:
     g = copy.deepcopy(api_workflow("finetune"))
     keep = {"loader", "finetune", "save_loss"}
     g = {k: v for k, v in g.items() if k in keep}
-    g["loader"]["inputs"]["model_name"] = MODEL
+    g["loader"]["inputs"]["model_name"] = TEST_MODEL
     g["photos"] = images_node
     g["finetune"]["inputs"].update(images=["photos", 0], steps=1, resolution=SIZE, gradient_checkpointing=False)
     g["finetune"]["inputs"].update(finetune_inputs)

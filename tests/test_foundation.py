@@ -7,7 +7,8 @@ import subprocess
 import numpy as np
 from PIL import Image
 
-from refenv import offline_env, reference_python, run_reference, ROOT
+from paths import ROOT
+from refenv import offline_env, reference_python, run_reference
 
 SAMPLE_IMAGE = ROOT / "workflows" / "assets" / "sample_subject.png"
 

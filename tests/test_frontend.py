@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from blip_diffusion.api.server import PACK_DIR_NAME
-from graphs import ROOT
+from paths import CACHE, ROOT
 from test_workflows import (  # noqa: F401  (object_info is a fixture)
     SIZE, UI_DIR, UI_MISTAKES, UI_NAMES, broken, for_test, frontend_widgets, input_image, load, make_saved_subjects,
     object_info, pack_nodes,
@@ -192,7 +192,7 @@ def frontend_server(request, comfy_server):
     from blip_diffusion.api.server import ComfyServer
 
     version = newest_frontend_version()
-    static = ROOT / ".cache" / f"frontend-{version}" / "comfyui_frontend_package" / "static"
+    static = CACHE / f"frontend-{version}" / "comfyui_frontend_package" / "static"
     if not (static / "index.html").exists():
         pytest.fail(f"frontend {version} is not provisioned at {static}: {SETUP_HINT}")
     server = ComfyServer(comfy_server.base_dir, [*comfy_server.extra_args, "--front-end-root", str(static)],

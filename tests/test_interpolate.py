@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 
 from blip_diffusion.blip_core.interpolate import bilinear, lerp, slerp
 from blip_diffusion.blip_core.subject import Subject
-from conftest import ROOT
+from paths import ROOT, TEST_MODEL
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
 
@@ -193,7 +193,7 @@ def test_interpolate_graph_saves_the_blend_of_the_encoded_subjects(comfy_server,
                                                           "images": [image_node, 0], "category": category}}
 
     graph = {
-        "loader": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": "blip-diffusion-test"}},
+        "loader": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": TEST_MODEL}},
         "img_a": {"class_type": "LoadImage", "inputs": {"image": img_a}},
         "img_b": {"class_type": "LoadImage", "inputs": {"image": img_b}},
         "enc_a": encode("img_a", "teapot"),
@@ -212,4 +212,4 @@ def test_interpolate_graph_saves_the_blend_of_the_encoded_subjects(comfy_server,
     assert torch.allclose(mix.embedding.double(), want, rtol=1e-6, atol=1e-7)
     assert mix.category == "kettle"
     assert mix.meta["interpolation"]["t"] == 0.25
-    assert mix.meta["interpolation"]["sources"]["a"]["encoder"] == "blip-diffusion-test"
+    assert mix.meta["interpolation"]["sources"]["a"]["encoder"] == TEST_MODEL

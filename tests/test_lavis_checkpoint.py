@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from blip_diffusion.blip_core import lavis_checkpoint as lc
 from blip_diffusion.blip_core.subject import Subject
 from blip_diffusion.blip_core.subject_io import save_subject
+from paths import TEST_MODEL
 
-MODEL = "blip-diffusion-test"
 SIZE, STEPS, SEED = 64, 3, 5
 PROMPT = "on a beach"
 CATEGORY = "teapot"
@@ -101,7 +101,7 @@ def files(comfy_server, test_model_dir):
 def render(model: list, subject: list, prefix: str, extra: dict, prompt=PROMPT, reps=20) -> dict:
     """Load BLIP-Diffusion's CLIP + ``model`` + ``subject`` -> Subject Conditioning -> PNDM -> SaveLatent."""
     g = {
-        "loader": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": MODEL}},
+        "loader": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": TEST_MODEL}},
         "positive": {"class_type": "SubjectConditioning", "inputs": {
             "clip": ["loader", 1], "subject": subject, "prompt": prompt, "target_category": "",
             "prompt_strength": 1.0, "prompt_reps": reps}},

@@ -17,10 +17,9 @@ from PIL import Image
 
 from blip_diffusion.api.client import PromptRejected
 from graphs import put_input_image, zero_shot
-from refenv import ROOT
+from paths import ROOT, TEST_MODEL
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
-MODEL = "blip-diffusion-test"
 N_PROMPTS = 50
 
 
@@ -34,7 +33,7 @@ def subjects(comfy_server):
 
 def tiny_render(subject, seed: int, prompt: str = "on a beach", prefix: str = "load/render") -> dict:
     image, category = subject
-    g = zero_shot(MODEL, image, category, prompt, seed=seed, steps=2, size=64, save_latent=False)
+    g = zero_shot(TEST_MODEL, image, category, prompt, seed=seed, steps=2, size=64, save_latent=False)
     g["save"]["inputs"]["filename_prefix"] = prefix
     return g
 
@@ -136,7 +135,7 @@ def test_interrupt_during_a_render_leaves_the_server_healthy(comfy_server, api, 
     # warm up (model loaded, subject encoded) so that the long render reaches the sampler quickly
     api.run(tiny_render(subjects[0], seed=1, prefix="interrupt/warm"))
     before = output_files(comfy_server)
-    graph = zero_shot(MODEL, subjects[0][0], "teapot", "on a beach", seed=2, steps=30, size=128, save_latent=True)
+    graph = zero_shot(TEST_MODEL, subjects[0][0], "teapot", "on a beach", seed=2, steps=30, size=128, save_latent=True)
     graph["save"]["inputs"]["filename_prefix"] = "interrupt/long"
     graph["save_latent"]["inputs"]["filename_prefix"] = "interrupt/long_latent"
 

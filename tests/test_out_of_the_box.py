@@ -19,7 +19,8 @@ import pytest
 import requests
 from PIL import Image, ImageOps
 
-from graphs import ROOT, zero_shot
+from graphs import zero_shot
+from paths import ROOT
 from refenv import run_reference
 from test_workflows import UI_DIR, UI_NAMES, pack_samples
 from test_zero_shot_graph import saved_latent

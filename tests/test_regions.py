@@ -10,9 +10,9 @@ import torch
 
 from blip_diffusion.blip_core import regions
 from graphs import api_workflow
+from paths import TEST_MODEL
 from test_zero_shot_graph import saved_latent
 
-MODEL = "blip-diffusion-test"
 SIZE, STEPS = 64, 2  # 8x8 latent: halves of 4 columns
 # Mean |change| in subject 2's half over the other half, when subject 2 is swapped. Measured on the
 # generated test weights: boxes 6.6, masks 7.1 (64 px, 2 steps); 5.3 and 4.9 at 128 px, 3 steps. The
@@ -58,7 +58,7 @@ def noise_photo(server, seed: int) -> str:
 
 def two_subjects_graph(workflow: str, photo_2: str, category_2: str) -> dict:
     g = api_workflow(workflow)
-    g["loader"]["inputs"]["model_name"] = MODEL
+    g["loader"]["inputs"]["model_name"] = TEST_MODEL
     g["photo_2"]["inputs"]["image"] = photo_2
     g["encode_2"]["inputs"]["category"] = category_2
     g["latent"]["inputs"].update(width=SIZE, height=SIZE)
@@ -92,7 +92,7 @@ def edit_graph(region: bool) -> dict:
     """edit_photo at 64 px, 2 steps, blend threshold 0 (the blend words allow every place), with the red
     ellipse of the shipped regions image (left of the middle) as the region."""
     g = api_workflow("edit_photo")
-    g["loader"]["inputs"]["model_name"] = MODEL
+    g["loader"]["inputs"]["model_name"] = TEST_MODEL
     g["photo"]["inputs"]["size"] = 64
     g["invert"]["inputs"]["steps"] = g["edit"]["inputs"]["steps"] = 2
     g["edit"]["inputs"]["blend_threshold"] = 0.0

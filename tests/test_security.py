@@ -8,7 +8,7 @@ import torch
 
 from blip_diffusion.blip_core.subject import Subject
 from blip_diffusion.blip_core.subject_io import sanitise_name, save_subject
-from refenv import ROOT
+from paths import ROOT, TEST_MODEL
 
 PACK_CODE = [p for d in ("blip_core", "nodes", "api", "batch") for p in (ROOT / d).rglob("*.py")]
 
@@ -102,7 +102,7 @@ def test_a_render_opens_no_network_connection(test_model_dir, tmp_path):
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(SOCKET_GUARD)
     log = tmp_path / "net.log"
-    base = make_base_dir(tmp_path / "base", {"blip_diffusion": {"blip-diffusion-test": test_model_dir}})
+    base = make_base_dir(tmp_path / "base", {"blip_diffusion": {TEST_MODEL: test_model_dir}})
     shutil.copy(ROOT / "workflows" / "assets" / "sample_subject.png", base / "input")
     env_before = dict(os.environ)
     os.environ.update(PYTHONPATH=str(guard), BLIP_NET_LOG=str(log))
@@ -112,7 +112,7 @@ def test_a_render_opens_no_network_connection(test_model_dir, tmp_path):
         os.environ.clear()
         os.environ.update(env_before)
     try:
-        result = ComfyClient(server.url).run(zero_shot("blip-diffusion-test", "sample_subject.png", "teapot",
+        result = ComfyClient(server.url).run(zero_shot(TEST_MODEL, "sample_subject.png", "teapot",
                                                        "on a beach", seed=1, steps=2, size=64, save_latent=False))
         assert len(result.images()) == 1
     finally:

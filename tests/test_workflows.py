@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graphs import ROOT, WORKFLOWS
+from graphs import WORKFLOWS
+from paths import ROOT
 
 API_DIR, UI_DIR = WORKFLOWS / "api", ROOT / "example_workflows"
 API_NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))

@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from graphs import put_input_image, zero_shot
-from refenv import run_reference, ROOT
+from paths import ROOT, TEST_MODEL
+from refenv import run_reference
 from test_conditioning import LONG
 
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
@@ -38,7 +39,7 @@ def saved_latent(server, result) -> torch.Tensor:
 @pytest.mark.parametrize("i", range(len(CASES)))
 def test_zero_shot_graph_matches_reference_pipeline(comfy_server, api, reference, i):
     image = put_input_image(comfy_server, SAMPLE)
-    graph = zero_shot("blip-diffusion-test", image, "teapot", CASES[i]["prompt"], CASES[i]["seed"], STEPS, SIZE)
+    graph = zero_shot(TEST_MODEL, image, "teapot", CASES[i]["prompt"], CASES[i]["seed"], STEPS, SIZE)
     result = api.run(graph)
     latents = saved_latent(comfy_server, result) * SCALE
     ref_latents = reference[f"final_latents_{i}"]
