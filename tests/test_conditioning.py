@@ -8,6 +8,8 @@ import torch
 from conftest import comfy_on_path
 from refenv import run_reference
 
+pytestmark = pytest.mark.reference
+
 LONG = ("wearing a tiny red knitted scarf and sitting on a weathered oak bench beside a calm alpine lake "
         "while snowflakes drift past tall pine trees under a pale winter sky in soft morning light, "
         "with snowy mountains, a frozen waterfall, a red wooden cabin, a sleeping fox, a lantern, "

@@ -24,6 +24,8 @@ from refenv import run_reference
 from test_conditioning import LONG
 from test_controlnet_graph import IMAGE_TOL, LATENT_TOL, SAMPLE, SIZE, STEPS, assert_reference_hint_is, errors, run_graph
 
+pytestmark = pytest.mark.reference
+
 SHIPPED_PROMPT = api_workflow("controlnet_depth")["positive"]["inputs"]["prompt"]
 CASES = [dict(seed=31, prompt=SHIPPED_PROMPT), dict(seed=32, prompt=LONG)]
 DEPTH_MAP = ROOT / "workflows" / "assets" / "sample_depth.png"

@@ -20,6 +20,8 @@ from paths import ROOT, TEST_MODEL
 from refenv import run_reference
 from test_conditioning import LONG
 
+pytestmark = pytest.mark.reference
+
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
 SCALE = 0.18215  # the host's LATENT is the UNet's latent / SCALE
 STEPS, SIZE = 10, 128

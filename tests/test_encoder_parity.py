@@ -22,6 +22,8 @@ from blip_diffusion.blip_core.subject_encoder import SubjectEncoderConfig
 from encoder_files import lavis_files, save_single_file, to_lavis_state_dict
 from refenv import run_reference
 
+pytestmark = pytest.mark.reference
+
 TOL = 1e-5  # subject embedding, fp32 (noise floor of the reference itself ~4e-6)
 LIMIT = 512  # the Q-Former's position table; queries take no positions
 

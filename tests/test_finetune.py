@@ -24,6 +24,8 @@ from conftest import comfy_on_path
 from paths import ROOT
 from refenv import run_reference
 
+pytestmark = pytest.mark.reference
+
 SAMPLE = ROOT / "workflows" / "assets" / "sample_subject.png"
 RES, BATCH, STEPS, SEED, LR, CATEGORY = 64, 3, 3, 1234, 5e-6, "dog"
 LORA_STEPS = 6

@@ -5,10 +5,13 @@ import re
 import subprocess
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from paths import ROOT
 from refenv import offline_env, reference_python, run_reference
+
+pytestmark = pytest.mark.reference
 
 SAMPLE_IMAGE = ROOT / "workflows" / "assets" / "sample_subject.png"
 

@@ -25,6 +25,8 @@ from refenv import run_reference
 from test_workflows import UI_DIR, UI_NAMES, pack_samples
 from test_zero_shot_graph import saved_latent
 
+pytestmark = pytest.mark.reference
+
 ASSETS = ROOT / "workflows" / "assets"
 USERS_OWN = "sample_scene.png"  # a photo of the user's that happens to share a sample's name
 SCALE = 0.18215
