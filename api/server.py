@@ -1,8 +1,11 @@
-"""Start and stop a real ComfyUI server for tests.
+"""Start and stop a real headless ComfyUI server (tests, benchmarks, the batch tool's Ray actors).
 
-The host runs headless on a free loopback port with ``--base-directory`` pointing at a
-temporary folder: a symlink to this pack in ``custom_nodes/`` and symlinked model files,
-so the ComfyUI tree itself is never touched. The whole process group is killed on stop.
+For tests it runs on the CPU on a free loopback port with ``--base-directory`` pointing at a
+temporary folder: a symlink to this pack in ``custom_nodes/`` and symlinked model files, so the
+ComfyUI tree itself is never touched. A Ray actor runs an installed ComfyUI as it is, on the
+node's address and its GPU. The whole process group is killed on stop.
+
+Standard library and requests only: the batch tool sends this module to Ray workers by value.
 """
 from __future__ import annotations
 
@@ -31,10 +34,20 @@ def comfyui_python() -> str:
     return os.environ.get("COMFYUI_PYTHON") or sys.executable
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL when the process that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def make_base_dir(base: Path, models: dict[str, dict[str, Path]] | None = None) -> Path:
@@ -58,24 +71,39 @@ def make_base_dir(base: Path, models: dict[str, dict[str, Path]] | None = None) 
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, extra_args: list[str] | None = None, port: int | None = None,
-                 log_name: str = "server.log"):
-        self.base_dir = Path(base_dir)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    """``base_dir``: the --base-directory (None: the ComfyUI folder's own models, nodes and outputs; then
+    ``log_dir`` holds the log). ``comfyui``/``python``: another ComfyUI and its interpreter than
+    comfyui_dir()/comfyui_python(). ``die_with_parent``: the server goes when the thread that starts it
+    does (Linux; start it from a thread that lives as long as the process). ``unset_env``: variables of
+    this process the server does not inherit."""
+
+    def __init__(self, base_dir: Path | None, extra_args: list[str] | None = None, port: int | None = None,
+                 log_name: str = "server.log", listen: str = "127.0.0.1", cpu: bool = True,
+                 comfyui: Path | None = None, python: str | None = None, log_dir: Path | None = None,
+                 die_with_parent: bool = False, unset_env: tuple[str, ...] = ()):
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.listen, self.cpu = listen, cpu
+        self.port = port or free_port(listen)
+        self.url = f"http://{listen}:{self.port}"
         self.extra_args = list(extra_args or [])
-        self.log_path = self.base_dir / log_name
+        self.comfyui, self.python, self.die_with_parent = comfyui, python, die_with_parent
+        self.unset_env = unset_env
+        self.log_path = Path(log_dir or self.base_dir) / log_name
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> "ComfyServer":
-        cmd = [comfyui_python(), "-u", str(comfyui_dir() / "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base_dir),
-               *self.extra_args]
+        comfyui = Path(self.comfyui) if self.comfyui else comfyui_dir()
+        cmd = [self.python or comfyui_python(), "-u", str(comfyui / "main.py"), *(["--cpu"] if self.cpu else []),
+               "--listen", self.listen, "--port", str(self.port), "--disable-auto-launch",
+               *(["--base-directory", str(self.base_dir)] if self.base_dir else []), *self.extra_args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        for name in self.unset_env:
+            env.pop(name, None)
         self._log = open(self.log_path, "ab")
         # Own process group: stop() kills the server and anything it spawned.
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=str(self.base_dir), start_new_session=True)
+                                     cwd=str(self.base_dir or comfyui), start_new_session=True,
+                                     preexec_fn=_die_with_parent if self.die_with_parent else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -105,6 +133,10 @@ class ComfyServer:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
         return 0
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc is None:

@@ -35,6 +35,19 @@ def parse_args(argv):
                          "http://127.0.0.1:8188)")
     ap.add_argument("--urls-file", type=Path, default=None,
                     help="a file of server URLs, one a line ('#' starts a comment); adds to --url")
+    ray = ap.add_argument_group("Ray cluster (docs/batch.md, Many machines on Ray; needs pip install ray)")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="start the servers on a Ray cluster, one per GPU, and spread the batch over them (and "
+                          "over any --url); ADDRESS as ray.init takes it (default: the cluster this machine "
+                          "belongs to, else a local Ray instance)")
+    ray.add_argument("--ray-servers", type=int, default=None, metavar="N",
+                     help="how many servers (default: one per GPU of the cluster; needed on a cluster without GPUs)")
+    ray.add_argument("--comfyui", default=None, metavar="DIR",
+                     help="the ComfyUI folder on every node, with this pack in custom_nodes/ and the model in "
+                          "models/ (default: $COMFYUI_DIR on the node)")
+    ray.add_argument("--comfyui-args", default="", metavar="ARGS",
+                     help="more arguments for each server's main.py, '{actor}' replaced by the server's number "
+                          "(e.g. \"--base-directory /data/comfy{actor}\")")
     ap.add_argument("--out", type=Path, required=True, help="folder for the images and manifest.json")
     ap.add_argument("--workflow", type=Path, default=None,
                     help="your own API workflow (Export (API)) to render each item with; what it fills is found by the "
@@ -71,12 +84,16 @@ def parse_args(argv):
         except OSError as e:
             ap.error(f"--urls-file: {e}")
         urls += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
-    if not urls:
+    if not urls and a.ray is None:
         urls = [os.environ.get("COMFYUI_URL", "http://127.0.0.1:8188")]
+    if a.ray is None and (a.ray_servers is not None or a.comfyui or a.comfyui_args):
+        ap.error("--ray-servers, --comfyui and --comfyui-args go with --ray")
+    if a.ray_servers is not None and a.ray_servers < 1:
+        ap.error("--ray-servers must be at least 1")
     if a.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     a.urls = list(dict.fromkeys(u.rstrip("/") for u in urls))  # one lane per server, in the order given
-    a.url = a.urls[0]
+    a.url = a.urls[0] if a.urls else None
     return a
 
 
@@ -207,6 +224,26 @@ class UsageError(Exception):
 
 
 def _run(a, template: Template, items) -> int:
+    if a.ray is None:
+        return _run_on(a, template, items, [])
+    from .ray_servers import RayServers
+
+    cluster = None
+    try:
+        try:
+            cluster = RayServers(a.ray or None, a.ray_servers, a.comfyui, a.comfyui_args, log=err)
+            actors = cluster.start()
+        except RuntimeError as e:  # no ray, no GPU, or a server that cannot start (its error, e.g. no ComfyUI)
+            err(f"error: {e}")
+            return EXIT_USAGE
+        return _run_on(a, template, items, actors)
+    finally:
+        if cluster is not None:
+            cluster.stop()  # the actors' servers go with them, also on Ctrl-C
+
+
+def _run_on(a, template: Template, items, actors) -> int:
+    """``actors``: (source, first URL or None) of each Ray server actor, beside the --url servers."""
     import requests
 
     from .host import BatchClient
@@ -217,12 +254,14 @@ def _run(a, template: Template, items) -> int:
     except RuntimeError as e:
         err(f"error: {e}")
         return EXIT_USAGE
-    clients = [BatchClient(url, manifest.batch_id, retry_for=0) for url in a.urls]
+    named = [(url, None) for url in a.urls] + [(url, source) for source, url in actors]
+    urls = [url for url, _ in named if url]
+    clients = [BatchClient(url, manifest.batch_id, retry_for=0) for url in urls]
     model = a.model
     try:
         up, last = _first_answer(clients, a.retry_for)
         if not up:
-            raise HostUnreachable(f"{', '.join(a.urls)} did not answer for {a.retry_for:.0f}s: {last}")
+            raise HostUnreachable(f"{', '.join(urls) or 'no server'} did not answer for {a.retry_for:.0f}s: {last}")
         model = _resolve_model(up[0], template, model)
         for client in up:
             problem = _host_problem(client, template, model)
@@ -243,18 +282,21 @@ def _run(a, template: Template, items) -> int:
             f"(sha256 {str(earlier.get('workflow_sha256'))[:12]}) and model {earlier.get('model')!r}; now "
             f"{template.path} (sha256 {template.sha256[:12]}) and {model!r}. Use another --out, or --force.")
         return EXIT_USAGE
-    manifest.header.update(batch_file=str(a.batch_file.resolve()), host=a.url, servers=a.urls, template=fingerprint)
+    manifest.header.update(batch_file=str(a.batch_file.resolve()), host=urls[0], servers=urls, template=fingerprint)
+    if actors:
+        manifest.header["ray"] = {"address": a.ray or "auto", "servers": len(actors)}
     answered = {client.url for client in up}
     lanes = []
-    for url in a.urls:
+    for url, source in named:
         down = url not in answered
+        name = f"ray{source.index}" if source is not None else None
         if down:
-            err(f"warning: {url} does not answer; it is used when it does")
-        lanes.append(Lane(url, manifest.batch_id, down=down,
+            err(f"warning: {url or name} does not answer; it is used when it does")
+        lanes.append(Lane(url, manifest.batch_id, down=down, source=source, name=name,
                           check=(lambda c: _host_problem(c, template, model)) if down else None))
     runner = Runner(lanes, manifest, items, template, model, a.out, ahead=a.ahead,
                     retry_failed=not a.no_retry_failed, cancel_on_stop=not a.keep_queued,
                     progress=not a.no_progress, log=err, retry_for=a.retry_for, batch_size=a.batch_size)
-    where = a.url if len(a.urls) == 1 else f"{len(a.urls)} servers ({', '.join(a.urls)})"
+    where = urls[0] if len(lanes) == 1 else f"{len(lanes)} servers ({', '.join(lane.label for lane in lanes)})"
     err(f"batch {manifest.batch_id[:8]}: {len(items)} item(s) -> {a.out} on {where}")
     return runner.run()

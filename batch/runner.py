@@ -37,6 +37,7 @@ from .template import Template
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 PROBE_EVERY = 2.0  # seconds between two knocks on a server that is down
+MAX_RESTARTS = 3  # a Ray actor's server started again more often than this in one run is not used again
 
 LaneTrouble = (HostUnreachable, requests.RequestException)
 
@@ -48,11 +49,12 @@ def server_label(url: str) -> str:
 class Lane:
     """One ComfyUI server of the run: its client, its /ws stream, the prompts it holds, whether it answers."""
 
-    def __init__(self, url: str, client_id: str, check=None, down: bool = False):
-        self.url = url.rstrip("/")
-        self.label = server_label(self.url)
-        self.client = BatchClient(self.url, client_id, retry_for=0)  # one try: the run decides what a failure means
-        self.events = Events(self.url, client_id)
+    def __init__(self, url: str | None, client_id: str, check=None, down: bool = False, source=None,
+                 name: str | None = None):
+        self.client_id, self.name = client_id, name
+        self.source = source  # a Ray actor's: poll() -> its server's URL, which changes when it restarts it
+        self.started = url is not None  # False: its actor has not given a URL yet
+        self.point(url or f"http://{name}.not-started")
         self.inflight: OrderedDict[str, list[str]] = OrderedDict()  # prompt id -> its item ids, in queue order
         self.finishing: set[str] = set()  # prompt ids the host said ended; their history may lag
         self.subject = None  # the subject of the items it was last given
@@ -62,8 +64,15 @@ class Lane:
         self.next_probe = 0.0
         self.last_poll = 0.0
         self.released: list[str] = []  # prompt ids given to other servers while it was down
+        self.restarts = 0  # how often its Ray actor started its server again in this run
         self.rendered = 0
         self.busy_since: float | None = None
+
+    def point(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.label = f"{self.name}@{server_label(self.url)}" if self.name else server_label(self.url)
+        self.client = BatchClient(self.url, self.client_id, retry_for=0)  # one try: the run decides what fails
+        self.events = Events(self.url, self.client_id)
 
     @property
     def up(self) -> bool:
@@ -319,6 +328,14 @@ class Runner:
             if lane.down_since is None or lane.retired or now < lane.next_probe:
                 continue
             lane.next_probe = now + PROBE_EVERY
+            if lane.source is not None:
+                url = lane.source.poll()
+                if url is None:
+                    continue  # its actor is (re)starting the server
+                if url.rstrip("/") != lane.url:
+                    self._moved(lane, url)
+                    if lane.retired:
+                        continue
             try:
                 lane.client.queue_state()
             except LaneTrouble:
@@ -348,6 +365,27 @@ class Runner:
         lane.finishing.clear()
         self.manifest.save()
         self.log(f"server {lane.label} {why}: its {len(moved)} prompt(s) go to the other server(s)")
+
+    def _moved(self, lane: Lane, url: str) -> None:
+        """Its actor started a new server: a new URL and an empty queue; the old server's prompts are gone."""
+        old = lane.label
+        self.by_url.pop(lane.url, None)
+        lane.events.close()
+        lane.point(url)
+        self.by_url[lane.url] = lane
+        if not lane.started:  # its first server, later than the others
+            lane.started = True
+            return
+        lane.released = []  # the old server took them with it
+        lane.restarts += 1
+        if lane.inflight:
+            self._release(lane, f"(was {old}) was started again by its Ray actor")
+        else:
+            self.log(f"server {lane.label} was started again by its Ray actor (was {old})")
+        if lane.restarts > MAX_RESTARTS:
+            lane.retired = True
+            self.log(f"server {lane.label} is not used again: it died {lane.restarts} times in this run (out of "
+                     "memory? its log is in blip-batch-actor*/server.log in the temporary folder of its machine)")
 
     def _lane_up(self, lane: Lane) -> None:
         if lane.check is not None:  # first answer of a server that was down at the start

@@ -67,4 +67,11 @@ if [ ! -f "$venv/.stamp-$api_client" ]; then
   "$venv/bin/python" -m pip install -q "$api_client"
   touch "$venv/.stamp-$api_client"
 fi
+# Test-only: tests/test_batch_ray.py runs the batch tool's --ray mode on a local Ray instance (the
+# tool's optional 'ray' extra; the nodes never import it).
+ray_pkg="ray==2.60.0"
+if [ ! -f "$venv/.stamp-$ray_pkg" ]; then
+  "$venv/bin/python" -m pip install -q "$ray_pkg"
+  touch "$venv/.stamp-$ray_pkg"
+fi
 echo "host ready: $comfy (python: $venv/bin/python)"

@@ -21,8 +21,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-COMFY = ROOT / ".cache" / "comfy-cli-venv" / "bin" / "comfy"
+from paths import CACHE, ROOT
+
+COMFY = CACHE / "comfy-cli-venv" / "bin" / "comfy"
 
 # Folders that ship whole: the nodes and their core, the frontend's help pages, the workflows
 # (UI templates, API twins, sample photos the nodes copy into input/), the docs the README links,
@@ -35,6 +36,7 @@ MAX_FILE_BYTES = 2 * 2**20
 MAX_ZIP_BYTES = 8 * 2**20
 HOST_CODE = ("__init__.py", "nodes/", "blip_core/")  # what ComfyUI imports from the pack
 CLIENT_CODE = ("batch/", "api/")  # runs beside the host, with the `batch` extra
+RAY_CODE = ("batch/ray_servers.py",)  # batch --ray: the `ray` extra
 
 
 @dataclass
@@ -361,8 +363,11 @@ def test_every_runtime_import_is_provided():
     unprovided = {m: providers(m) for m in host_side if not providers(m) & allowed}
     assert not unprovided, f"imported in the host but not brought by it: {unprovided}"
 
-    extra = {_canonical(Requirement(d).name) for d in project["optional-dependencies"]["batch"]}
-    client_side = _third_party_imports(sources(CLIENT_CODE), host_modules)
-    unprovided = {m: providers(m) for m, optional in client_side.items()
-                  if not optional and not providers(m) & extra}
-    assert not unprovided, f"the batch client imports what its extra lacks: {unprovided}"
+    for code, extra_name, exclude in ((CLIENT_CODE, "batch", RAY_CODE), (RAY_CODE, "ray", ())):
+        extra = {_canonical(Requirement(d).name) for d in project["optional-dependencies"][extra_name]}
+        client_side = _third_party_imports({f: t for f, t in sources(code).items() if f not in exclude},
+                                           host_modules)
+        unprovided = {m: providers(m) for m, optional in client_side.items()
+                      if not optional and not providers(m) & extra}
+        assert not unprovided, f"{code} imports what the {extra_name!r} extra lacks: {unprovided}"
+    assert "ray" in _third_party_imports(sources(RAY_CODE), host_modules)  # the walk sees it
