@@ -130,9 +130,10 @@ def timed(fn, sync, reps=3):
     return min(out)
 
 
-def zero_shot(parts, steps: int, px: int):
+def zero_shot(parts, steps: int, px: int, batch: int = 1):
     """The shipped zero-shot workflow's nodes, in its order and with its settings; the loader's
-    outputs come from ``parts`` and the photo is random. Returns (latent, image, sampling seconds)."""
+    outputs come from ``parts`` and the photo is random; ``batch`` latents in the empty latent (what the
+    batch tool's --batch-size sets). Returns (latent, image, sampling seconds)."""
     import torch
 
     import nodes as host_nodes
@@ -150,7 +151,7 @@ def zero_shot(parts, steps: int, px: int):
     positive = SubjectConditioning.execute(clip, subject, c["prompt"], c["target_category"], c["prompt_strength"],
                                            c["prompt_reps"]).result[0]
     negative = host_nodes.CLIPTextEncode().encode(clip, wf["negative"]["text"])[0]
-    latent = host_nodes.EmptyLatentImage().generate(px, px, 1)[0]
+    latent = host_nodes.EmptyLatentImage().generate(px, px, batch)[0]
     sigmas = BlipPNDMScheduler.execute(model, steps).result[0]
     sampler = BlipPNDMSampler.execute(wf["sampler"]["full_denoise"]).result[0]
     s = wf["sample"]
@@ -198,8 +199,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and step counts: checks the script runs")
     ap.add_argument("--dtypes", help="comma-separated, e.g. bfloat16 (default: float16,bfloat16 on a GPU, float32 on CPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile render")
-    ap.add_argument("--only", default="encode,calls,renders,finetune,compile",
-                    help="comma-separated parts to run: encode, calls (UNet call), renders, finetune, compile")
+    ap.add_argument("--only", default="encode,calls,renders,batches,finetune,compile",
+                    help="comma-separated parts to run: encode, calls (UNet call), renders, batches (latent batch "
+                         "1/4/8, the batch tool's --batch-size), finetune, compile")
     ap.add_argument("--compile-backend", default="inductor", choices=["inductor", "cudagraphs"],
                     help="TorchCompileModel's backend for the compile part")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
@@ -254,16 +256,16 @@ def main() -> int:
     def floor_of(flops):
         return flops / (peak_tflops * 1e12) if peak_tflops else None
 
-    def render(model, steps, dtype, label=""):
+    def render(model, steps, dtype, label="", batch=1):
         fresh_peak()
         start = time.perf_counter()
         with torch.inference_mode():  # as the host's executor runs every node (execution.py)
-            latent, image, sampling_s = zero_shot((model, clip, vae, encoder), steps, px)
+            latent, image, sampling_s = zero_shot((model, clip, vae, encoder), steps, px, batch)
         sync()
+        seconds = time.perf_counter() - start
         record(name=f"zero-shot workflow {px}px {steps} PNDM steps{label}", dtype=str(dtype),
-               seconds=time.perf_counter() - start, sampling_s=sampling_s,
-               s_per_step=sampling_s / steps, image_shape=list(image.shape),
-               finite=bool(torch.isfinite(latent).all() and torch.isfinite(image).all()))
+               seconds=seconds, sampling_s=sampling_s, s_per_step=sampling_s / steps, image_shape=list(image.shape),
+               images_per_s=batch / seconds, finite=bool(torch.isfinite(latent).all() and torch.isfinite(image).all()))
 
     clip, vae, encoder = build_clip(), build_vae(), build_encoder()
     cond = clip.encode_from_tokens(clip.tokenize("a teapot on a wooden table")).to(dev)
@@ -282,7 +284,7 @@ def main() -> int:
                         reps=encode_reps)
         record(name="subject encode, 1 photo", dtype=str(next(encoder.encoder.parameters()).dtype), seconds=sec,
                first_call_s=first)
-    for dtype in dtypes if parts & {"calls", "renders"} else []:
+    for dtype in dtypes if parts & {"calls", "renders", "batches"} else []:
         unet = build_unet(dtype)
         mm.load_models_gpu([unet])
         dm = unet.model.diffusion_model
@@ -306,6 +308,9 @@ def main() -> int:
         dm.to(memory_format=torch.contiguous_format)
         for steps in render_steps if "renders" in parts else []:
             render(unet, steps, dtype)
+        if "batches" in parts and dtype == dtypes[-1]:  # --batch-size N: N seeds in one latent batch (bf16 on a GPU)
+            for batch in (1, 4, 8):
+                render(unet, render_steps[0], dtype, f", latent batch {batch}", batch=batch)
         unet = dm = None
         mm.unload_all_models()
         mm.soft_empty_cache()

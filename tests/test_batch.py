@@ -18,9 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT, TEST_MODEL
+
 TOOL = ROOT / "batch"
-MODEL = "blip-diffusion-test"
+MODEL = TEST_MODEL
 SMALL = {"steps": 2, "size": 64}
 
 

@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT
 
 
 def bench_run_module():
@@ -35,6 +34,10 @@ def test_gpu_bench_smoke_runs_the_zero_shot_workflow_and_both_finetune_modes(tmp
     assert render["finite"] is True
     assert render["image_shape"] == [1, 64, 64, 3]
     assert 0 < render["sampling_s"] < render["seconds"]
+    for batch in (1, 4, 8):  # the batch tool's --batch-size: one latent batch of N seeds
+        row = rows[f"zero-shot workflow 64px 2 PNDM steps, latent batch {batch}"]
+        assert row["image_shape"] == [batch, 64, 64, 3] and row["finite"] is True
+        assert row["images_per_s"] == pytest.approx(batch / row["seconds"])
     # The FLOP counts, checked against each other: a training step (backward ~ 2 forwards, batch 3)
     # costs about 3 x 3 / 2 = 4.5 CFG calls of batch 2; the text encoder's pass adds a little.
     call = rows["UNet call 64px batch 2"]["gflops"]
