@@ -1,4 +1,5 @@
-"""Benchmark: the batch tool's throughput with one and with two ComfyUI servers on this machine.
+"""Benchmark: the batch tool's throughput with one and with two ComfyUI servers on this machine, and with
+one server at ``--batch-size 4`` (the seeds of a subject and prompt as one latent batch).
 
     .cache/host-venv/bin/python bench/bench_batch_servers.py [--items 8] [--steps 2] [--size 64]
 
@@ -7,7 +8,9 @@ first (model load). Then the same batch (2 subjects x items/2 seeds, fresh noise
 ``python batch`` once with ``--url A`` and once with ``--url A --url B``, each into a fresh folder;
 items per minute = items / the tool's wall time. On a CPU-only box the two servers share the same
 cores, so no gain is expected: what this measures is the tool's plumbing (pull scheduling, two /ws
-streams, downloads) costing nothing, not the speed-up several GPUs give.
+streams, downloads) costing nothing, not the speed-up several GPUs give. Likewise a latent batch on a
+CPU saves only the per-prompt overhead (one UNet call of batch 4 costs about four of batch 1 there);
+its GPU figure is bench/gpu_bench.py's ``batches`` part.
 
 Writes bench/results/batch_servers.json and bench/results/batch_servers.md.
 """
@@ -49,9 +52,9 @@ def batch_file(folder: Path, items: int, steps: int, size: int, name: str) -> Pa
     return path
 
 
-def run_tool(batch: Path, out: Path, urls: list[str]) -> tuple[float, dict]:
+def run_tool(batch: Path, out: Path, urls: list[str], *extra: str) -> tuple[float, dict]:
     cmd = [sys.executable, str(ROOT / "batch"), str(batch), "--out", str(out), "--model", MODEL, "--no-progress",
-           *[a for u in urls for a in ("--url", u)]]
+           *[a for u in urls for a in ("--url", u)], *extra]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - t0
@@ -71,13 +74,15 @@ def measure(a, threads: int, ComfyServer, make_base_dir) -> list[dict]:
                 server.start()
             for k, server in enumerate(servers):  # model load, outside the timing
                 run_tool(batch_file(tmp, 2, a.steps, a.size, f"warm{k}.json"), tmp / f"warm{k}", [server.url])
-            for n in (1, 2):
-                batch = batch_file(tmp, a.items, a.steps, a.size, f"batch{n}.json")
-                seconds, m = run_tool(batch, tmp / f"out{n}", [s.url for s in servers[:n]])
+            for n, batch_size in ((1, 1), (2, 1), (1, 4)):
+                batch = batch_file(tmp, a.items, a.steps, a.size, f"batch{n}-{batch_size}.json")
+                seconds, m = run_tool(batch, tmp / f"out{n}-{batch_size}", [s.url for s in servers[:n]],
+                                      "--batch-size", str(batch_size))
                 share = {s.url: sum(r.get("server") == s.url for r in m["items"]) for s in servers[:n]}
-                busiest = max(sum(r["render_seconds"] for r in m["items"] if r.get("server") == s.url)
-                              for s in servers[:n])
-                rows.append({"threads_per_server": threads or "default", "servers": n, "items": len(m["items"]),
+                busiest = max(sum({r["prompt_id"]: r["render_seconds"] for r in m["items"]  # a prompt's items
+                                   if r.get("server") == s.url}.values()) for s in servers[:n])  # share its time
+                rows.append({"threads_per_server": threads or "default", "servers": n, "batch_size": batch_size,
+                             "prompts": len({r["prompt_id"] for r in m["items"]}), "items": len(m["items"]),
                              "seconds": round(seconds, 1), "items_per_minute": round(60 * len(m["items"]) / seconds, 2),
                              "share": list(share.values()),
                              "render_seconds_median": sorted(r["render_seconds"] for r in m["items"])[len(m["items"]) // 2],
@@ -113,12 +118,16 @@ def main() -> None:
               "settings": {"items": a.items, "steps": a.steps, "size": a.size, "weights": "generated test",
                            "ahead": 3, "threads_per_server": a.threads},
               "runs": rows, "ratio_two_over_one": [round(rows[k + 1]["items_per_minute"] / rows[k]["items_per_minute"], 2)
-                                                   for k in range(0, len(rows), 2)]}
+                                                   for k in range(0, len(rows), 3)],
+              "ratio_batch4_over_one": [round(rows[k + 2]["items_per_minute"] / rows[k]["items_per_minute"], 2)
+                                        for k in range(0, len(rows), 3)]}
     (HERE / "results" / "batch_servers.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Batch tool: one vs two servers ({result['date']})", "", result["machine"], "",
-             "| torch threads per server | servers | items | wall s | items/min | share per server | median render s "
-             "| wall beyond the busiest server's renders, s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['threads_per_server']} | {r['servers']} | {r['items']} | {r['seconds']} | {r['items_per_minute']} | "
+    lines = [f"# Batch tool: one vs two servers, latent batches ({result['date']})", "", result["machine"], "",
+             "| torch threads per server | servers | --batch-size | prompts | items | wall s | items/min | share per "
+             "server | median render s (per prompt) | wall beyond the busiest server's renders, s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['threads_per_server']} | {r['servers']} | {r['batch_size']} | {r['prompts']} | {r['items']} | "
+              f"{r['seconds']} | {r['items_per_minute']} | "
               f"{' + '.join(map(str, r['share']))} | {r['render_seconds_median']} | {r['beyond_busiest_server_s']} |"
               for r in rows]
     (HERE / "results" / "batch_servers.md").write_text("\n".join(lines) + "\n")
