@@ -97,6 +97,9 @@ class ComfyServer:
                "--listen", self.listen, "--port", str(self.port), "--disable-auto-launch",
                *(["--base-directory", str(self.base_dir)] if self.base_dir else []), *self.extra_args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # Idle OpenMP threads sleep instead of spinning: a server then leaves the cores to whatever else runs
+        # there (another server, the reference, the batch tool) without changing a single result.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         for name in self.unset_env:
             env.pop(name, None)
         self._log = open(self.log_path, "ab")
