@@ -558,3 +558,34 @@ def test_seeds_of_one_subject_and_prompt_share_a_latent_batch(comfy_server, api,
               f"(nearest other image: mean {others:.1f})")
         # one image alone vs inside a batch of 3: the same noise, the UNet's batched sums may round apart
         assert diff.max() <= 2 and others > 10
+
+
+def test_a_killed_latent_batch_run_resumes_without_repeats(comfy_server, api, tmp_path):
+    """--batch-size 2 over six seeds (three prompts of two), SIGKILLed after the first prompt is done: the
+    rerun collects or posts the rest by prompt, each item is done once, and the host ran three prompts."""
+    noise_image(tmp_path / "cat.png")
+    batch = tmp_path / "b.jsonl"
+    batch.write_text("".join(json.dumps({"image": "cat.png", "category": "cat", "prompt": "on a sofa", "seed": s,
+                                         **SMALL}) + "\n" for s in range(1, 7)))
+    out = tmp_path / "out"
+    proc = start_tool(batch, out, comfy_server, tmp_path / "run1.log", "--batch-size", "2")
+    wait_done(out, proc, 2)
+    proc.kill()
+    proc.wait(timeout=60)
+    killed = manifest(out)
+    assert killed["summary"]["done"] in (2, 4) and killed["summary"]["queued"] >= 2, killed["summary"]
+    again = run_tool(batch, out, comfy_server, "--batch-size", "2", "--no-progress")
+    assert again.returncode == 0, again.stderr[-3000:]
+    final = manifest(out)
+    assert final["summary"]["done"] == 6
+    for rec in final["items"]:
+        check_done(out, rec)
+    prompts = {}
+    for rec in final["items"]:
+        prompts.setdefault(rec["prompt_id"], []).append((rec["params"]["seed"], rec["batch"]["index"]))
+    assert sorted(sorted(v) for v in prompts.values()) == [[(1, 0), (2, 1)], [(3, 0), (4, 1)], [(5, 0), (6, 1)]]
+    for rec in killed["items"]:  # what was queued at the kill was collected under its prompt id, not posted again
+        if rec.get("status") == "queued":
+            assert next(r for r in final["items"] if r["id"] == rec["id"])["prompt_id"] == rec["prompt_id"]
+    history = batch_history(api, final["batch_id"])
+    assert set(history) == set(prompts) and all(e["status"]["status_str"] == "success" for e in history.values())
