@@ -6,11 +6,13 @@ The frontend is the comfyui-frontend-package the host serves at ``/``; the brows
 Chromium (/usr/bin/chromium) driven by tests/browser/drive.mjs with playwright-core (the driver
 library only, never a downloaded browser). ``bash scripts/setup_browser.sh`` provisions both.
 
-The dropped files are the shipped workflows adjusted to the session host exactly as
-tests/test_workflows.py adjusts the API twins (generated weights, 64 px, 2 steps); its broken copies
-of the zero-shot workflow (UI_MISTAKES) are dropped too and each must be reported. The README's
-screenshots, docs/images/{zero_shot,edit_photo}_graph.png, are those shipped workflows as users see them;
-``BLIP_UPDATE_SCREENSHOT=1`` makes this test write it anew.
+The dropped files are the shipped UI workflows; once the page holds one, the driver types in the
+settings tests/test_workflows.py gives the API twins (64 px, 2 steps), by widget name, as a user
+would. Broken copies of the zero-shot workflow (UI_MISTAKES) are dropped too and each must be
+reported. The UI files themselves are the page's own save of the API files
+(scripts/make_ui_workflows.py): the first test has the page save them again and compares. The
+README's screenshots, docs/images/*_graph.png, are shipped workflows as users see them;
+``BLIP_UPDATE_SCREENSHOT=1`` makes this test write them and the template thumbnails anew.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +34,11 @@ from PIL import Image
 from blip_diffusion.api.server import PACK_DIR_NAME
 from paths import CACHE, ROOT
 from test_workflows import (  # noqa: F401  (object_info is a fixture)
-    SIZE, UI_DIR, UI_MISTAKES, UI_NAMES, broken, for_test, frontend_widgets, input_image, load, make_saved_subjects,
-    object_info, pack_nodes,
+    API_NAMES, SIZE, UI_DIR, UI_NAMES, for_test, input_image, load, make_saved_subjects, object_info, pack_nodes,
 )
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_ui_workflows  # noqa: E402  (scripts/ is not a package)
 
 BROWSER_DIR = ROOT / "tests" / "browser"
 DRIVER = BROWSER_DIR / "drive.mjs"
@@ -55,39 +60,54 @@ NEWEST_LOADS_QUIETLY = {"required socket unlinked"}
 SETUP_HINT = "run `bash scripts/setup_browser.sh` (installs Debian's chromium and playwright-core)"
 
 
-def ui_for_test(wf: dict, node_info: dict) -> dict:
-    """The UI workflow with test_workflows.for_test's changes applied to its widget values.
+def settings_for_test(name: str) -> dict:
+    """{node title: {widget: value}} that test_workflows.for_test changes in the API twin: what the driver
+    types into the page's widgets after a drop (titles are unique in every shipped workflow)."""
+    api = load("api", name)
+    changed = {}
+    for key, node in for_test(api).items():
+        title = node["_meta"]["title"]
+        for widget, value in node["inputs"].items():
+            if not isinstance(value, list) and api[key]["inputs"].get(widget) != value:
+                changed.setdefault(title, {})[widget] = value
+    return changed
 
-    Each node's widget values become an API-style node (linked inputs as links), for_test adjusts
-    that graph, and the adjusted values are written back into ``widgets_values``."""
+
+# Broken copies of the shipped zero_shot UI workflow: the page must report each one when it is dropped.
+def node_of(wf: dict, node_type: str) -> dict:
+    return next(n for n in wf["nodes"] if n["type"] == node_type)
+
+
+def broken(wf: dict, change) -> dict:
     wf = copy.deepcopy(wf)
-    as_api = {}
-    for node in wf["nodes"]:
-        widgets = frontend_widgets(node_info[node["type"]])
-        inputs = {name: value for (name, _, role), value in zip(widgets, node["widgets_values"]) if role == "value"}
-        for slot in node["inputs"]:
-            if slot.get("link") is not None:
-                inputs[slot["name"]] = ["linked", 0]
-        as_api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    adjusted = for_test(as_api)
-    for node in wf["nodes"]:
-        inputs = adjusted[str(node["id"])]["inputs"]
-        for index, (name, _, role) in enumerate(frontend_widgets(node_info[node["type"]])):
-            if role == "value" and name in inputs and not isinstance(inputs[name], list):
-                node["widgets_values"][index] = inputs[name]
+    change(wf)
     return wf
 
 
-def settings_for_test(wf: dict, node_info: dict) -> dict:
-    """{node id: {widget name: value}} that ui_for_test changes: what the template test types in."""
-    changed = {}
-    adjusted = {n["id"]: n for n in ui_for_test(wf, node_info)["nodes"]}
-    for node in wf["nodes"]:
-        widgets = frontend_widgets(node_info[node["type"]])
-        for (name, _, role), old, new in zip(widgets, node["widgets_values"], adjusted[node["id"]]["widgets_values"]):
-            if role == "value" and old != new:
-                changed.setdefault(str(node["id"]), {})[name] = new
-    return changed
+def set_link_type(wf, node_type, input_name, new_type):
+    slot = next(i for i in node_of(wf, node_type)["inputs"] if i["name"] == input_name)
+    next(link for link in wf["links"] if link[0] == slot["link"])[5] = new_type
+
+
+def set_widget(node_type, index, value):
+    return lambda wf: node_of(wf, node_type)["widgets_values"].__setitem__(index, value)
+
+
+def unlink(node_type, input_name):
+    return lambda wf: next(i for i in node_of(wf, node_type)["inputs"] if i["name"] == input_name).update(link=None)
+
+
+UI_MISTAKES = {
+    "seed without its control_after_generate value": lambda wf: node_of(wf, "SamplerCustom")["widgets_values"].pop(2),
+    "unknown control_after_generate value": set_widget("SamplerCustom", 2, "sometimes"),
+    "LoadImage without its upload value": lambda wf: node_of(wf, "LoadImage")["widgets_values"].pop(),
+    "INT below its minimum": set_widget("BlipPNDMScheduler", 0, 0),
+    "FLOAT given as a string": set_widget("SamplerCustom", 3, "7.5"),
+    "combo value not among the options": set_widget("SubjectEncode", 2, "bogus"),
+    "link typed wrongly": lambda wf: set_link_type(wf, "SamplerCustom", "positive", "LATENT"),
+    "required socket unlinked": unlink("SamplerCustom", "model"),
+    "unknown node type": lambda wf: node_of(wf, "VAEDecode").update(type="VAEDecodeNope"),
+}
 
 
 def thumbnail(png: Path, out: Path) -> None:
@@ -123,7 +143,7 @@ def export_differences(exported: dict, api: dict) -> list[str]:
 
     def normalised(node, side):
         return {name: (title_of[side][value[0]], value[1]) if isinstance(value, list) and len(value) == 2
-                and str(value[0]) in title_of[side] else value for name, value in node["inputs"].items()}
+                and str(value[0]) in title_of[side] else as_exported(value) for name, value in node["inputs"].items()}
 
     diffs = []
     for title in sorted(ours):
@@ -137,6 +157,48 @@ def export_differences(exported: dict, api: dict) -> list[str]:
             diffs.append(f"{title}: " + "; ".join(f"{k}: {na.get(k, '<absent>')!r} shipped, {nb.get(k, '<absent>')!r} "
                                                   f"exported" for k in keys if na.get(k) != nb.get(k)))
     return diffs
+
+
+def as_exported(value):
+    """A widget value as the page's export can hold it: JavaScript has one number type (1 and 1.0 are one
+    value), but true is not 1."""
+    if isinstance(value, bool):
+        return ("boolean", value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def by_type(graph: dict, class_type: str) -> dict:
+    return next(n for n in graph.values() if n["class_type"] == class_type)
+
+
+def swap_positive_negative(graph):
+    sample = by_type(graph, "SamplerCustom")["inputs"]
+    sample["positive"], sample["negative"] = sample["negative"], sample["positive"]
+
+
+# Ways an export can drift from the shipped API file; export_differences must report each.
+EXPORT_DRIFTS = {
+    "prompt edited": lambda g: by_type(g, "SubjectConditioning")["inputs"].update(prompt="on a beach"),
+    "seed changed": lambda g: by_type(g, "SamplerCustom")["inputs"].update(noise_seed=1),
+    "true exported as 1": lambda g: by_type(g, "BlipPNDMSampler")["inputs"].update(full_denoise=1),
+    "positive and negative swapped": swap_positive_negative,
+    "title changed": lambda g: by_type(g, "CLIPTextEncode")["_meta"].update(title="Positive prompt"),
+    "node removed": lambda g: g.pop(next(k for k, n in g.items() if n["class_type"] == "BlipPNDMSampler")),
+}
+
+
+@pytest.mark.parametrize("drift", list(EXPORT_DRIFTS))
+def test_export_comparison_reports_drift(drift):
+    shipped = api_for_test("zero_shot")
+    exported = make_ui_workflows.numbered(shipped)  # the page's ids are numbers
+    for node in exported.values():
+        node["inputs"] = {k: int(v) if type(v) is float and v.is_integer() else v for k, v in node["inputs"].items()}
+    assert export_differences(exported, shipped) == []  # 7.5 stays 7.5, 1.0 comes back as 1
+    changed = copy.deepcopy(exported)
+    EXPORT_DRIFTS[drift](changed)
+    assert export_differences(changed, shipped), f"not reported: {drift}"
 
 
 def api_for_test(name: str) -> dict:
@@ -182,6 +244,49 @@ def newest_frontend_version() -> str:
     return os.environ.get("BLIP_NEWEST_FRONTEND") or m.group(1)
 
 
+def test_ui_workflows_are_what_the_frontend_saves(comfy_server):
+    """Each shipped UI twin is what the pinned frontend saves after loading its API file with its own
+    loader (scripts/make_ui_workflows.py), up to our layout: the frontend is the authority on widget
+    order, upload and control widgets, sockets and links; a changed API file or frontend shows here."""
+    problem = browser_problem()
+    if problem:
+        pytest.fail(f"the browser test cannot run: {problem}; {SETUP_HINT}")
+    saved = make_ui_workflows.ui_workflows(comfy_server.url, API_NAMES)
+    assert sorted(saved) == UI_NAMES
+    stale = {}
+    for name, wf in saved.items():
+        want, have = make_ui_workflows.without_layout(wf), make_ui_workflows.without_layout(load("ui", name))
+        if want != have:
+            stale[name] = first_difference(have, want)
+    assert not stale, ("UI twins that are not the frontend's save of their API file "
+                       "(run scripts/make_ui_workflows.py):\n" + "\n".join(f"{k}: {v}" for k, v in stale.items()))
+    # the comparison sees a widget value, a link and a socket that differ
+    zero = make_ui_workflows.without_layout(saved["zero_shot"])
+    for change in (set_widget("SamplerCustom", 1, 12345), unlink("SamplerCustom", "model"),
+                   lambda wf: node_of(wf, "SubjectEncode")["inputs"].pop()):
+        assert first_difference(broken(zero, change), zero) is not None
+
+
+def first_difference(have, want, where="") -> str | None:
+    """Where two JSON values first differ, as a path, or None."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in sorted(set(have) | set(want)):
+            if key not in have or key not in want:
+                return f"{where}.{key}: {'missing' if key not in have else 'extra'} in the shipped file"
+            found = first_difference(have[key], want[key], f"{where}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(have, list) and isinstance(want, list):
+        if len(have) != len(want):
+            return f"{where}: {len(have)} entries shipped, the frontend saves {len(want)}"
+        return next((d for i, (a, b) in enumerate(zip(have, want)) if (d := first_difference(a, b, f"{where}[{i}]"))),
+                    None)
+    if type(have) is not type(want) or have != want:
+        return f"{where}: {have!r} shipped, the frontend saves {want!r}"
+    return None
+
+
 @pytest.fixture(scope="module", params=["pinned", "newest"])
 def frontend_server(request, comfy_server):
     """The session host with the frontend it pins (1.32.x), or a second host on the same folders serving
@@ -218,15 +323,15 @@ def test_frontend_loads_queues_and_shows_every_ui_workflow(frontend_server, comf
     for name in UI_NAMES:
         graph = api_for_test(name)
         make_saved_subjects(comfy_server, api, graph, tmp_path)  # LoadSubject's file, before the page lists it
-        wf = ui_for_test(load("ui", name), object_info)
-        for node in wf["nodes"]:
-            if node["type"] == "LoadImage":  # the page lists the input folder: the pack filled it
-                input_image(comfy_server, node["widgets_values"][0])
-        (dropped / f"{name}.json").write_text(json.dumps(wf, indent=1))
+        for node in graph.values():
+            if node["class_type"] == "LoadImage":  # the page lists the input folder: the pack filled it
+                input_image(comfy_server, node["inputs"]["image"])
+        wf = load("ui", name)
         types = {n["id"]: n["type"] for n in wf["nodes"]}
         workflows.append({
             "name": name,
-            "file": str(dropped / f"{name}.json"),
+            "file": str(UI_DIR / f"{name}.json"),  # the shipped file as it is; the test's settings are typed in
+            "settings": settings_for_test(name),
             "pack_types": sorted({n["type"] for n in wf["nodes"]} & pack),
             "savers": [n["id"] for n in wf["nodes"] if n["type"] == "SaveImage"],
             "loss_plots": [str(link[3]) for link in wf["links"]  # SaveImage nodes fed by BlipFinetune
@@ -235,11 +340,11 @@ def test_frontend_loads_queues_and_shows_every_ui_workflow(frontend_server, comf
         })
     assert all(w["pack_types"] for w in workflows), "a UI workflow without pack nodes?"
 
-    # test_workflows' broken copies of zero_shot, dropped after the real runs: each must be reported.
+    # Broken copies of zero_shot, dropped after the real runs: each must be reported.
     mistakes = []
     for index, (mistake, change) in enumerate(UI_MISTAKES.items()):
         path = dropped / f"broken_{index}.json"
-        path.write_text(json.dumps(broken(json.loads((dropped / "zero_shot.json").read_text()), change)))
+        path.write_text(json.dumps(broken(load("ui", "zero_shot"), change)))
         mistakes.append({"name": mistake, "file": str(path), "pack_types": [], "savers": []})
 
     shots = [{"file": str(UI_DIR / f"{name}.json"), "out": str(tmp_path / shot.name), "label": name,
@@ -255,10 +360,10 @@ def test_frontend_loads_queues_and_shows_every_ui_workflow(frontend_server, comf
         "module": PACK_DIR_NAME, "names": UI_NAMES, "name": TEMPLATE, "file": str(UI_DIR / f"{TEMPLATE}.json"),
         "pack_types": sorted({n["type"] for n in shipped_template["nodes"]} & pack),
         "savers": [n["id"] for n in shipped_template["nodes"] if n["type"] == "SaveImage"],
-        "settings": settings_for_test(shipped_template, object_info),
+        "settings": settings_for_test(TEMPLATE),
         "check_thumbnails": not update,  # an update run makes them; the next run checks them
     }
-    assert template["settings"], "the template test changes no widget: ui_for_test and the template disagree"
+    assert template["settings"], "the template test changes no widget: for_test and the template disagree"
     manifest = {
         "url": frontend_server.url,
         "viewport": {"width": SCREENSHOT_SIZE[0], "height": SCREENSHOT_SIZE[1]},

@@ -13,7 +13,8 @@
 //      asserts that no dialog (missing nodes/models, load error) or toast (workflow validation)
 //      appeared, and that every node, the pack's included, is a registered type drawn on the
 //      canvas holding the file's widget values, each valid for its widget (combo options,
-//      number ranges) and each link typed as its slots; then it clicks Run and waits until the
+//      number ranges) and each link typed as its slots; it types in the test's settings (size,
+//      steps) by node title and widget name; then it clicks Run and waits until the
 //      host's /history has finished the prompt the page posted and the page's SaveImage node
 //      shows that very file;
 //   3. each broken copy is dropped and must fail one of those checks (it is not queued).
@@ -244,6 +245,27 @@ async function queueAndWait(page, name, spec) {
   return { prompt_id: promptId, shown };
 }
 
+// The test's settings ({node title: {widget name: value}}), typed into the named widgets as a user
+// would; a title or widget the page does not have is a failure, not a silent skip.
+async function typeSettings(page, name, settings) {
+  const missing = await page.evaluate((values) => {
+    const missing = [];
+    for (const [title, widgets] of Object.entries(values)) {
+      const node = window.app.graph.nodes.find((n) => n.title === title);
+      for (const [widgetName, value] of Object.entries(widgets)) {
+        const w = node?.widgets?.find((x) => x.name === widgetName);
+        if (!w) { missing.push(`${title}.${widgetName}`); continue; }
+        w.value = value;
+        w.callback?.(value);
+      }
+    }
+    window.app.graph.setDirtyCanvas(true, true);
+    return missing;
+  }, settings ?? {});
+  if (missing.length) fail(`${name}: the page has no widget ${missing.join(', ')} to set`);
+  await settle(page);
+}
+
 // Drop one workflow file and check what the page made of it.
 async function dropAndCheck(page, spec) {
   const wf = await dropFile(page, spec.file);
@@ -253,6 +275,7 @@ async function dropAndCheck(page, spec) {
   const nodes = await page.evaluate(graphInPage);
   checkNodes(spec.name, wf, nodes, spec.pack_types);
   log(`${spec.name}: ${nodes.length} nodes drawn, pack nodes ${spec.pack_types.join(', ')}`);
+  await typeSettings(page, spec.name, spec.settings);
 }
 
 // Dismiss dialogs the way a user does (Escape) and close toasts with their close buttons.
@@ -287,7 +310,8 @@ async function screenshot(page, shot) {
     const rects = window.app.graph.nodes.map((n) => n.boundingRect);
     const x0 = Math.min(...rects.map((r) => r[0])), y0 = Math.min(...rects.map((r) => r[1]));
     const x1 = Math.max(...rects.map((r) => r[0] + r[2])), y1 = Math.max(...rects.map((r) => r[1] + r[3]));
-    window.app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: 0.9 });
+    // a margin above for the titles of the top row, clear of the floating Run bar
+    window.app.canvas.ds.fitToBounds([x0 - 20, y0 - 110, x1 - x0 + 40, y1 - y0 + 130], { zoom: 0.9 });
     window.app.graph.setDirtyCanvas(true, true);
   });
   await page.mouse.move(shot.width - 5, shot.height / 2);  // no hover highlight
@@ -354,19 +378,7 @@ async function openTemplate(page, spec) {
   await assertNoPopups(page, `${spec.name} opened from the template browser`);
   const nodes = await page.evaluate(graphInPage);
   checkNodes(`${spec.name} (template)`, wf, nodes, spec.pack_types);
-  // the test's settings, typed into the named widgets
-  await page.evaluate((values) => {
-    for (const [id, widgets] of Object.entries(values)) {
-      const node = window.app.graph.nodes.find((n) => String(n.id) === id);
-      for (const [name, value] of Object.entries(widgets)) {
-        const w = node.widgets.find((x) => x.name === name);
-        w.value = value;
-        w.callback?.(value);
-      }
-    }
-    window.app.graph.setDirtyCanvas(true, true);
-  }, spec.settings);
-  await settle(page);
+  await typeSettings(page, `${spec.name} (template)`, spec.settings);
   const result = await queueAndWait(page, `${spec.name} (template)`, spec);
   await assertNoPopups(page, `${spec.name} (template) after its run`);
   return result;
