@@ -67,12 +67,15 @@ def randomise(module, std=0.02):
                 p.zero_()
 
 
-def build_unet(dtype):
+def build_unet(dtype, **narrower):
+    """The host's SD1.5 UNet with random weights; ``narrower`` (e.g. model_channels=64) changes the
+    detected config's layer widths, for probes that need the structure, not the size."""
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
 
     config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET, dtype=dtype))
+    config.unet_config.update(narrower)
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=mm.get_torch_device())
     model.diffusion_model.to(mm.get_torch_device())
@@ -118,6 +121,12 @@ def build_encoder():
     return EncoderHandle(enc.eval(), "random", encoder_dtype(mm.text_encoder_device()))
 
 
+def write_json(path, data) -> None:
+    """A result file, its folder made if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
 def timed(fn, sync, reps=3):
     fn()
     sync()
@@ -130,10 +139,10 @@ def timed(fn, sync, reps=3):
     return min(out)
 
 
-def zero_shot(parts, steps: int, px: int, batch: int = 1):
+def zero_shot(parts, steps: int, px: int, batch: int = 1, seed: int | None = None):
     """The shipped zero-shot workflow's nodes, in its order and with its settings; the loader's
     outputs come from ``parts`` and the photo is random; ``batch`` latents in the empty latent (what the
-    batch tool's --batch-size sets). Returns (latent, image, sampling seconds)."""
+    batch tool's --batch-size sets); ``seed`` replaces the workflow's. Returns (latent, image, sampling seconds)."""
     import torch
 
     import nodes as host_nodes
@@ -156,7 +165,8 @@ def zero_shot(parts, steps: int, px: int, batch: int = 1):
     sampler = BlipPNDMSampler.execute(wf["sampler"]["full_denoise"]).result[0]
     s = wf["sample"]
     start = time.perf_counter()
-    out = SamplerCustom.execute(model, s["add_noise"], s["noise_seed"], s["cfg"], positive, negative, sampler, sigmas,
+    seed = s["noise_seed"] if seed is None else seed
+    out = SamplerCustom.execute(model, s["add_noise"], seed, s["cfg"], positive, negative, sampler, sigmas,
                                 latent).result[0]
     sampling_s = time.perf_counter() - start
     image = host_nodes.VAEDecode().decode(vae, out)[0]
@@ -339,7 +349,9 @@ def main() -> int:
             label = " torch.compile" + ("" if a.compile_backend == "inductor" else f" {a.compile_backend}")
             compiled = TorchCompileModel.execute(build_unet(torch.bfloat16), a.compile_backend).result[0]
             render(compiled, render_steps[0], torch.bfloat16, f"{label} (first: compiles)")
-            for steps in render_steps:
+            render(compiled, render_steps[0], torch.bfloat16, label)
+            for steps in render_steps[1:]:  # a new step count recompiles once (bench/NOTES.md), then runs compiled
+                render(compiled, steps, torch.bfloat16, f"{label} (first at this step count)")
                 render(compiled, steps, torch.bfloat16, label)
         except Exception as e:  # recorded, not fatal: the measurements above are kept
             record(name="zero-shot workflow torch.compile", error=f"{type(e).__name__}: {e}"[:500])

@@ -115,7 +115,9 @@ def sample_plms_sigmas(denoise_fn: Callable[[torch.Tensor, float], torch.Tensor]
     latent as is. Otherwise the result is returned in the VE scale at ``sigmas[-1]`` so
     another sampler can continue from it. ``callback(i, x_ve, denoised)`` runs per step.
     """
-    sig = [float(s) for s in sigmas]
+    # one transfer for a device tensor (not one synchronisation per sigma); floats either way
+    sig = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]
+    last = sig[-1] if sig else 0.0
     if len(sig) < 2:
         return x
     if sig[-1] == 0.0:
@@ -135,4 +137,4 @@ def sample_plms_sigmas(denoise_fn: Callable[[torch.Tensor, float], torch.Tensor]
             callback(i, x_ve, x_ve if last_denoised[0] is None else last_denoised[0])
 
     x_vp = plms_loop(eps_fn, x / math.sqrt(1.0 + sig[0] ** 2), alpha_bars, on_step)
-    return x_vp * math.sqrt(1.0 + float(sigmas[-1]) ** 2)
+    return x_vp * math.sqrt(1.0 + last ** 2)

@@ -46,6 +46,25 @@ def test_gpu_bench_smoke_runs_the_zero_shot_workflow_and_both_finetune_modes(tmp
     assert "fine-tune 1 steps, batch 3, 64px, lora" in rows  # the LoRA mode ran to the end too
 
 
+@pytest.mark.slow
+def test_step_overhead_probe_splits_a_step_into_ours_and_the_hosts(tmp_path):
+    """bench/step_overhead.py (#18 item 2) runs: the no-op-UNet sampling dispatches our loop's operators
+    and more (the host's CFG wrapper), and a PLMS step of ours is at most the 14 elementwise operators of
+    its formulas (4-term combination 4 mul + 3 add, the step 2 mul + 1 sub, epsilon 1 mul + 1 sub + 1 div,
+    the callback's rescale 1 mul)."""
+    from blip_diffusion.api.server import comfyui_dir
+
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "step_overhead.py"), "--steps", "8", "--px", "64",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, COMFYUI_DIR=str(comfyui_dir())))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(json.loads(out.read_text())["rows"].values())
+    whole, ours = rows
+    assert 0 < ours["ops_per_step"] <= 14
+    assert whole["ops_per_step"] > ours["ops_per_step"] + 10  # the host's wrapper is in the whole, not in ours
+
+
 def test_gpu_report_checks_the_goals_and_flags_non_finite_output(tmp_path):
     run = bench_run_module()
     assert "Not run yet" in "\n".join(run.gpu_section(tmp_path / "absent.json"))
