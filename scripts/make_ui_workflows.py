@@ -14,8 +14,8 @@ Debian's headless Chromium), and its own serialisation is what is written. Ours 
 * "control after generate" set to "fixed" on seed widgets, so a shipped seed reproduces;
 * positions: a left-to-right layout by graph depth, each node as far right as its consumers allow,
   stacked in columns in the order of the sockets they feed; a node is widened to show its whole
-  title (the page measures it) and one that shows images it is given (Save/Preview Image) gets
-  room for a picture, as a user would resize them;
+  title (the page measures it), and nodes that show a picture (a loaded photo, Save/Preview Image)
+  get room for it, as the page would grow them once the picture is there;
 * the workflow's id (a uuid5 of its name; the page's API loader leaves a zero id) and
   ``extra.blip_diffusion`` naming the API twin.
 
@@ -50,7 +50,8 @@ WORKFLOW_NAMESPACE = uuid.UUID("5d3c1f0e-2b1a-4c61-9a57-b11bd1ff0510")
 VIEW_OFFSET = [60, 60]  # the top-left node's title bar stays in view when the file opens
 GAP, SLOT_HEIGHT = 80, 20
 TITLE_PADDING = 80  # the collapse dot before a title, room for the node's badges after it
-PREVIEW_SIZE = 300  # room for an image preview below the widgets
+PREVIEW_SIZE = 300  # room for an output preview (Save/Preview Image)
+UPLOAD_PREVIEW = 212  # what LoadImage grows by once its photo has loaded (the page fetches none while saving)
 
 
 def is_link(value) -> bool:
@@ -151,7 +152,7 @@ def layout(ids: list, edges: list[tuple], sizes: dict) -> dict:
     return {i: [round(xs[depth[i]]), round(ys[i])] for i in ids}
 
 
-def shows_images(node: dict) -> bool:
+def shows_output_images(node: dict) -> bool:
     """A node that ends a branch and takes images: the page draws what it gets below its widgets."""
     return not node.get("outputs") and any(i["type"] == "IMAGE" for i in node.get("inputs", []))
 
@@ -163,7 +164,9 @@ def laid_out(saved: dict, name: str) -> dict:
     for i, node in nodes.items():
         width, height = node["size"]
         width = max(width, math.ceil(saved["titles"][str(i)]) + TITLE_PADDING)
-        if shows_images(node):
+        if any(i["type"] == "IMAGEUPLOAD" for i in node.get("inputs", [])):
+            height += UPLOAD_PREVIEW  # the photo shown below the upload button
+        elif shows_output_images(node):
             width, height = max(width, PREVIEW_SIZE), max(height, PREVIEW_SIZE)
         node["size"] = [width, height]
     edges = []
