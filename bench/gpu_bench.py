@@ -111,6 +111,22 @@ def build_vae():
     return comfy.sd.VAE(sd=model.state_dict())
 
 
+def from_folder(folder: str):
+    """The pack's loader on a released-layout folder (what Load BLIP-Diffusion does): the unet for a
+    dtype, and the CLIP, VAE and subject encoder. For the side-by-side run, on the reference's files."""
+    import os
+
+    from blip_diffusion.nodes import host_models
+    from blip_diffusion.nodes.nodes_encoder import load_encoder
+
+    def unet(dtype):
+        return host_models.load_unet(os.path.join(folder, "unet"), {"dtype": dtype})
+
+    parts = (host_models.load_clip(os.path.join(folder, "text_encoder")),
+             host_models.load_vae(os.path.join(folder, "vae")), load_encoder(os.path.join(folder, "qformer"), "bench"))
+    return unet, parts
+
+
 def build_encoder():
     import comfy.model_management as mm
     from blip_diffusion.blip_core.subject_encoder import SubjectEncoder
@@ -214,6 +230,8 @@ def main() -> int:
                          "1/4/8, the batch tool's --batch-size), finetune, compile")
     ap.add_argument("--compile-backend", default="inductor", choices=["inductor", "cudagraphs"],
                     help="TorchCompileModel's backend for the compile part")
+    ap.add_argument("--model-dir", help="a released-layout folder to load with the pack's loader (default: random "
+                                        "full-size models built in-process)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
     a = ap.parse_args()
     setup(a.device)
@@ -277,7 +295,10 @@ def main() -> int:
                seconds=seconds, sampling_s=sampling_s, s_per_step=sampling_s / steps, image_shape=list(image.shape),
                images_per_s=batch / seconds, finite=bool(torch.isfinite(latent).all() and torch.isfinite(image).all()))
 
-    clip, vae, encoder = build_clip(), build_vae(), build_encoder()
+    if a.model_dir:  # the same files the reference loads (bench/gpu.sh --reference)
+        build, (clip, vae, encoder) = from_folder(a.model_dir)
+    else:
+        build, clip, vae, encoder = build_unet, build_clip(), build_vae(), build_encoder()
     cond = clip.encode_from_tokens(clip.tokenize("a teapot on a wooden table")).to(dev)
     parts = set(a.only.split(","))
     if "encode" in parts:  # SubjectEncode as the workflow runs it: one photo, its category
@@ -295,7 +316,7 @@ def main() -> int:
         record(name="subject encode, 1 photo", dtype=str(next(encoder.encoder.parameters()).dtype), seconds=sec,
                first_call_s=first)
     for dtype in dtypes if parts & {"calls", "renders", "batches"} else []:
-        unet = build_unet(dtype)
+        unet = build(dtype)
         mm.load_models_gpu([unet])
         dm = unet.model.diffusion_model
         calls = [("", 2, torch.contiguous_format)] if "calls" in parts else []
@@ -317,7 +338,11 @@ def main() -> int:
                    floor_seconds=floor, x_floor=sec / floor if floor else None)
         dm.to(memory_format=torch.contiguous_format)
         for steps in render_steps if "renders" in parts else []:
+            if a.model_dir and steps == render_steps[0]:  # beside the reference's first image after its move
+                render(unet, steps, dtype, " (first image)")
             render(unet, steps, dtype)
+            if a.model_dir:  # beside the reference's batch of 4 (bench/gpu_reference.py)
+                render(unet, steps, dtype, ", latent batch 4", batch=4)
         if "batches" in parts and dtype == dtypes[-1]:  # --batch-size N: N seeds in one latent batch (bf16 on a GPU)
             for batch in (1, 4, 8):
                 render(unet, render_steps[0], dtype, f", latent batch {batch}", batch=batch)
@@ -347,7 +372,7 @@ def main() -> int:
             from comfy_extras.nodes_torch_compile import TorchCompileModel
 
             label = " torch.compile" + ("" if a.compile_backend == "inductor" else f" {a.compile_backend}")
-            compiled = TorchCompileModel.execute(build_unet(torch.bfloat16), a.compile_backend).result[0]
+            compiled = TorchCompileModel.execute(build(torch.bfloat16), a.compile_backend).result[0]
             render(compiled, render_steps[0], torch.bfloat16, f"{label} (first: compiles)")
             render(compiled, render_steps[0], torch.bfloat16, label)
             for steps in render_steps[1:]:  # a new step count recompiles once (bench/NOTES.md), then runs compiled

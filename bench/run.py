@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import platform
 import shutil
 import statistics
@@ -203,6 +204,7 @@ def write_report(results: list[dict]) -> None:
         lines.append(f"| {r['name']} | {goal} | {ours:.2f} {unit} | {ref:.2f} {unit} | {r['ratio']:.2f}x{met} "
                      f"| {r['settings']} |")
     lines += gpu_section(HERE / "results" / "gpu.json")
+    lines += side_by_side_section(HERE / "results" / "gpu_side_by_side.json", HERE / "results" / "gpu_reference.json")
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
@@ -246,6 +248,55 @@ def gpu_section(path: Path) -> list[str]:
         sec = ft_full[-1]["seconds"]
         out.append(f"Goal, 76-step full fine-tune at 512 px, batch 3, <= 10 s on an H100: {sec:.1f} s "
                    f"({'met' if sec <= 10 else 'missed'}; on {device}).")
+    return out
+
+
+OURS_RENDER = re.compile(r"zero-shot workflow (\d+)px (\d+) PNDM steps(?:, latent batch (\d+))?"
+                         r"(?P<compiled> torch\.compile\w*(?: cudagraphs)?)?(?P<first> \(first image\))?$")
+REF_RENDER = re.compile(r"reference pipeline (\d+)px (\d+) PNDM steps batch (\d+)(?: \(photo cast\))?$")
+SIDE_BY_SIDE_GOALS = {"eager": 1.0, "compiled": 0.6, "memory": 1.0}
+
+
+def side_by_side_section(ours_path: Path, ref_path: Path) -> list[str]:
+    """bench/gpu.sh --reference: ours and diffusers' pipeline on the same files and GPU, per image,
+    with #18's goals (eager <= 1.0x, compiled <= 0.6x, memory <= 1.0x of the reference)."""
+    if not (ours_path.exists() and ref_path.exists()):
+        return ["", "## GPU side by side with the reference", "",
+                "Not run yet: `bench/gpu.sh --reference` needs a lent GPU machine (see its header)."]
+    ref, ours, compiled = {}, {}, {}
+    for r in json.loads(ref_path.read_text()):
+        m = REF_RENDER.match(r["name"])
+        if m and "seconds" in r:
+            ref[(r["dtype"], int(m[2]), int(m[3]))] = r
+    for r in json.loads(ours_path.read_text()):
+        m = OURS_RENDER.match(r["name"])
+        if not m or "seconds" not in r or m["first"]:
+            continue
+        key = (r["dtype"].replace("torch.", ""), int(m[2]), int(m[3] or 1))
+        (compiled if m["compiled"] else ours)[key] = r  # a later compiled render replaces the first
+    device = next(iter(ref.values()), {}).get("device", "?")
+    out = ["", f"## GPU side by side with the reference ({device}, `bench/gpu.sh --reference`, the same "
+               "generated full-size files)", "",
+           "| dtype | steps | batch | ours s/image | reference s/image | ratio | ours peak MB | reference peak MB "
+           "| memory ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    worst = {"eager": 0.0, "memory": 0.0}
+    for key in sorted(set(ref) & set(ours)):
+        o, r = ours[key], ref[key]
+        o_img, r_img = o["seconds"] / key[2], r["s_per_image"]
+        ratio, mem = o_img / r_img, (o.get("peak_gpu_mb") or 0) / (r.get("peak_gpu_mb") or float("nan"))
+        worst["eager"], worst["memory"] = max(worst["eager"], ratio), max(worst["memory"], mem)
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {o_img:.3f} | {r_img:.3f} | {ratio:.2f}x | "
+                   f"{o.get('peak_gpu_mb') or 0:.0f} | {r.get('peak_gpu_mb') or 0:.0f} | {mem:.2f}x |")
+    for key in sorted(set(compiled) & set(ref)):
+        ratio = compiled[key]["seconds"] / key[2] / ref[key]["s_per_image"]
+        worst["compiled"] = max(worst.get("compiled", 0.0), ratio)
+        out.append(f"| {key[0]} compiled | {key[1]} | {key[2]} | {compiled[key]['seconds'] / key[2]:.3f} | "
+                   f"{ref[key]['s_per_image']:.3f} | {ratio:.2f}x | | | |")
+    out.append("")
+    for goal, limit in SIDE_BY_SIDE_GOALS.items():
+        if goal in worst and (goal != "eager" or ours):
+            out.append(f"Goal, {goal} <= {limit}x of the reference: worst {worst[goal]:.2f}x "
+                       f"({'met' if worst[goal] <= limit else 'missed'}).")
     return out
 
 

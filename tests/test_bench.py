@@ -93,3 +93,40 @@ def test_gpu_report_checks_the_goals_and_flags_non_finite_output(tmp_path):
     text = "\n".join(run.gpu_section(path))
     assert "9.5 s (met" in text and "| fine-tune 76 steps, batch 3, 512px, full (rerun) |" in text
     assert "| fine-tune 76 steps, batch 3, 512px, full |" in text
+
+
+def test_side_by_side_report_pairs_ours_with_the_reference_per_image(tmp_path):
+    """bench/gpu.sh --reference's two files become one table: rows paired by dtype, steps and batch,
+    seconds per image (ours: a batch of 4 renders 4 images), the first image and the first compile left out,
+    and #18's three goals judged on the worst pair."""
+    run = bench_run_module()
+    assert "Not run yet" in "\n".join(run.side_by_side_section(tmp_path / "a.json", tmp_path / "b.json"))
+    ours = [
+        {"name": "zero-shot workflow 512px 25 PNDM steps (first image)", "dtype": "torch.float16", "seconds": 9.0},
+        {"name": "zero-shot workflow 512px 25 PNDM steps", "dtype": "torch.float16", "seconds": 2.0,
+         "peak_gpu_mb": 3000},
+        {"name": "zero-shot workflow 512px 25 PNDM steps, latent batch 4", "dtype": "torch.float16", "seconds": 6.0,
+         "peak_gpu_mb": 2000},
+        {"name": "zero-shot workflow 512px 25 PNDM steps torch.compile cudagraphs (first: compiles)",
+         "dtype": "torch.bfloat16", "seconds": 20.0},
+        {"name": "zero-shot workflow 512px 25 PNDM steps torch.compile cudagraphs", "dtype": "torch.bfloat16",
+         "seconds": 1.0},
+    ]
+    ref = [
+        {"name": "reference pipeline 512px 25 PNDM steps batch 1", "dtype": "float16", "s_per_image": 2.5,
+         "seconds": 2.5, "peak_gpu_mb": 2500, "device": "GPU X"},
+        {"name": "reference pipeline 512px 25 PNDM steps batch 4 (photo cast)", "dtype": "float16",
+         "s_per_image": 1.0, "seconds": 4.0, "peak_gpu_mb": 4000},
+        {"name": "reference pipeline 512px 25 PNDM steps batch 1", "dtype": "bfloat16", "s_per_image": 2.0,
+         "seconds": 2.0, "peak_gpu_mb": 2500},
+    ]
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    text = "\n".join(run.side_by_side_section(tmp_path / "ours.json", tmp_path / "ref.json"))
+    assert "| float16 | 25 | 1 | 2.000 | 2.500 | 0.80x | 3000 | 2500 | 1.20x |" in text
+    assert "| float16 | 25 | 4 | 1.500 | 1.000 | 1.50x | 2000 | 4000 | 0.50x |" in text
+    assert "| bfloat16 compiled | 25 | 1 | 1.000 | 2.000 | 0.50x |" in text
+    assert "eager <= 1.0x of the reference: worst 1.50x (missed)" in text
+    assert "compiled <= 0.6x of the reference: worst 0.50x (met)" in text
+    assert "memory <= 1.0x of the reference: worst 1.20x (missed)" in text
+    assert "9.000" not in text and "20.000" not in text and "GPU X" in text
