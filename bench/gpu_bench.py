@@ -114,8 +114,6 @@ def build_vae():
 def from_folder(folder: str):
     """The pack's loader on a released-layout folder (what Load BLIP-Diffusion does): the unet for a
     dtype, and the CLIP, VAE and subject encoder. For the side-by-side run, on the reference's files."""
-    import os
-
     from blip_diffusion.nodes import host_models
     from blip_diffusion.nodes.nodes_encoder import load_encoder
 

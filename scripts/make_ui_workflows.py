@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,13 +73,23 @@ def numbered(api: dict) -> dict:
 
 
 # -- the page's own save ----------------------------------------------------------------------------
+def browser_problem() -> str | None:
+    """Why the browser set-up (scripts/setup_browser.sh) cannot drive the page here, or None."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not Path(CHROMIUM).exists():
+        return f"no Chromium at {CHROMIUM}"
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return "tests/browser/node_modules/playwright-core is missing"
+    return None
+
+
 def frontend_saves(url: str, apis: dict[str, dict], workdir: Path) -> dict[str, dict]:
     """{name: {"graph": the page's serialisation, "titles": {node id: title width in px}}} for each API
     workflow, loaded into the frontend at ``url``."""
-    missing = [p for p in (CHROMIUM, BROWSER_DIR / "node_modules" / "playwright-core") if not Path(p).exists()]
-    if missing:
-        raise SystemExit(f"no browser to save with ({', '.join(map(str, missing))} missing): "
-                         "run `bash scripts/setup_browser.sh`")
+    problem = browser_problem()
+    if problem:
+        raise SystemExit(f"no browser to save with ({problem}): run `bash scripts/setup_browser.sh`")
     manifest = {"url": url, "chromium": CHROMIUM, "out": str(workdir / "saved.json"),
                 "workflows": [{"name": name, "api": numbered(api)} for name, api in apis.items()]}
     (workdir / "manifest.json").write_text(json.dumps(manifest))

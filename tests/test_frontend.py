@@ -40,9 +40,9 @@ from test_workflows import (  # noqa: F401  (object_info is a fixture)
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_ui_workflows  # noqa: E402  (scripts/ is not a package)
 
-BROWSER_DIR = ROOT / "tests" / "browser"
+BROWSER_DIR, CHROMIUM, browser_problem = (make_ui_workflows.BROWSER_DIR, make_ui_workflows.CHROMIUM,
+                                           make_ui_workflows.browser_problem)
 DRIVER = BROWSER_DIR / "drive.mjs"
-CHROMIUM = os.environ.get("BLIP_CHROMIUM", "/usr/bin/chromium")
 # The README's pictures of shipped workflows, as the frontend draws them
 SCREENSHOTS = {name: ROOT / "docs" / "images" / f"{name}_graph.png"
                for name in ("zero_shot", "edit_photo", "two_subjects")}
@@ -203,16 +203,6 @@ def test_export_comparison_reports_drift(drift):
 
 def api_for_test(name: str) -> dict:
     return for_test(load("api", name))
-
-
-def browser_problem() -> str | None:
-    if shutil.which("node") is None:
-        return "node is not installed"
-    if not Path(CHROMIUM).exists():
-        return f"no Chromium at {CHROMIUM}"
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        return "tests/browser/node_modules/playwright-core is missing"
-    return None
 
 
 def run_driver(manifest: dict, tmp_path: Path, timeout: float) -> dict:
