@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,10 +189,10 @@ def zero_shot(parts, steps: int, px: int, batch: int = 1, seed: int | None = Non
 
 
 @contextlib.contextmanager
-def finetune_steps(clip, mode: str, res: int, after_build=None):
+def finetune_steps(clip, mode: str, res: int, after_build=None, **narrower):
     """The fine-tune node's training path on a fresh fp32 UNet: yields one training step on a random
     batch of 3 at ``res`` px; the models are unloaded afterwards. ``after_build`` runs once the UNet
-    is built, before training starts (e.g. to reset the peak-memory counter)."""
+    is built, before training starts (e.g. to reset the peak-memory counter); ``narrower``: build_unet's."""
     import torch
 
     import comfy.model_management as mm
@@ -199,7 +200,7 @@ def finetune_steps(clip, mode: str, res: int, after_build=None):
 
     dev = mm.get_torch_device()
     layout = host_clip.caption_layout(clip, "a teapot")
-    unet = build_unet(torch.float32)
+    unet = build_unet(torch.float32, **narrower)
     gen = torch.Generator().manual_seed(0)
     if after_build is not None:
         after_build()
@@ -211,6 +212,11 @@ def finetune_steps(clip, mode: str, res: int, after_build=None):
             run.trainer.step(lat, torch.randn(lat.shape, generator=gen).to(dev),
                              torch.randint(0, 1000, (3,), generator=gen).to(dev))
 
+        def text():  # the text encoder's part of a step: forward and backward to the subject
+            run.trainer.text(run.trainer.subject).float().sum().backward()
+            run.trainer.subject.grad = None
+
+        step.text = text
         yield step
     unet = run = None
     mm.unload_all_models()
@@ -252,6 +258,7 @@ def main() -> int:
     render_steps = [2] if a.smoke else [25, 100]
     ft_steps, ft_res = (1, 64) if a.smoke else (76, 512)
     encode_reps, call_reps = (1, 1) if a.smoke else (5, 3)
+    narrow = {"model_channels": 32} if a.smoke else {}   # the smoke's UNets: SD1.5's blocks, 1/10 of the width
     dtypes = ([getattr(torch, d) for d in a.dtypes.split(",")] if a.dtypes
               else [torch.float16, torch.bfloat16] if cuda else [torch.float32])
     results, began = [], time.monotonic()
@@ -296,7 +303,7 @@ def main() -> int:
     if a.model_dir:  # the same files the reference loads (bench/gpu.sh --reference)
         build, (clip, vae, encoder) = from_folder(a.model_dir)
     else:
-        build, clip, vae, encoder = build_unet, build_clip(), build_vae(), build_encoder()
+        build, clip, vae, encoder = partial(build_unet, **narrow), build_clip(), build_vae(), build_encoder()
     cond = clip.encode_from_tokens(clip.tokenize("a teapot on a wooden table")).to(dev)
     parts = set(a.only.split(","))
     if "encode" in parts:  # SubjectEncode as the workflow runs it: one photo, its category
@@ -350,9 +357,11 @@ def main() -> int:
 
     # Fine-tune: the node's training path (published optimiser, bf16 autocast on GPU), both modes.
     for mode in ("full", "lora") if "finetune" in parts else []:
-        with finetune_steps(clip, mode, ft_res, after_build=fresh_peak) as step:
+        with finetune_steps(clip, mode, ft_res, after_build=fresh_peak, **narrow) as step:
             with FlopCounterMode(display=False) as fc:
                 step()
+            with FlopCounterMode(display=False) as text_fc:
+                step.text()
             sync()
             t0 = time.perf_counter()
             for _ in range(ft_steps):
@@ -361,7 +370,8 @@ def main() -> int:
             total = time.perf_counter() - t0
         floor = floor_of(fc.get_total_flops() * ft_steps)
         record(name=f"fine-tune {ft_steps} steps, batch 3, {ft_res}px, {mode}", seconds=total,
-               step_tflops=fc.get_total_flops() / 1e12, floor_seconds=floor, x_floor=total / floor if floor else None)
+               step_tflops=fc.get_total_flops() / 1e12, text_tflops=text_fc.get_total_flops() / 1e12,
+               floor_seconds=floor, x_floor=total / floor if floor else None)
 
     # Last, so that a compiler failure costs nothing above: the host's torch.compile wrapper
     # (what its TorchCompileModel node does) on the bf16 UNet; the first render pays the compile.

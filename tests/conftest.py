@@ -1,6 +1,7 @@
 """Shared fixtures: the pack imported under a fixed name, generated weights, a live host."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -134,14 +135,23 @@ def comfy_server(test_model_dir, host_unet_file, controlnet_files, tmp_path_fact
 _live_servers: list = []
 
 
+def shipped_finetune_files() -> set[str]:
+    """The fine-tune files the shipped workflows save (and their reuse workflows load)."""
+    return {f"{node['inputs']['name']}.safetensors" for path in (ROOT / "workflows" / "api").glob("*.json")
+            for node in json.loads(path.read_text()).values() if node.get("class_type") == "SaveBlipFinetune"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def drop_saved_finetunes():
     """Full-UNet fine-tune files are UNet-sized (2.2 GB at test size): each module's go when it ends,
-    so a run's disk use stays flat. A later module that needs one runs the workflow that saves it."""
+    so a run's disk use stays flat. The shipped workflows' own file stays (one file, the same for every
+    module that needs it), so that each module does not train it again."""
     yield
+    keep = shipped_finetune_files()
     for server in _live_servers:
         for f in (server.base_dir / "models" / "blip_finetunes").glob("*.safetensors"):
-            f.unlink()
+            if f.name not in keep:
+                f.unlink()
 
 
 def free_gb(path) -> float:

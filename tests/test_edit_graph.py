@@ -225,7 +225,7 @@ def test_each_stage_matches_the_reference_from_the_same_input(reference, test_mo
     from blip_diffusion.blip_core.subject import Subject
     from blip_diffusion.nodes import host_edit, host_models
 
-    case, i = CASES[0], 0
+    case, i = CASES[1], 1   # 128 px: the same stages as at 512 px, at a sixteenth of the cost
     with torch.inference_mode():
         unet = host_models.load_unet(str(test_model_dir / "unet"))
         clip = host_models.load_clip(str(test_model_dir / "text_encoder"))
