@@ -20,8 +20,10 @@ subject's 16 vectors inserted at position 2). In the conditional UNet rows:
 LAVIS fixes the layers by list position at 512 px (``down_cross[2:4] + up_cross[:3]``, maps
 reshaped to 16x16; self-replacement where a map has at most 16**2 queries). We keep the same
 layers at every size by their resolution relative to the latent: blend maps from the down and
-up blocks' cross-attention at 1/4 of the latent side, self-replacement at 1/4 and below. For
-the released UNet at 512 px this selects exactly LAVIS's layers.
+up blocks' cross-attention two downsamplings below the latent, self-replacement there and below.
+Each downsampling (a stride-2 convolution) takes a side n to ceil(n / 2), so a 65-wide latent
+has 17-wide maps there, not 65 / 4. For the released UNet at 512 px this selects exactly
+LAVIS's layers.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from .schedule import leading_timesteps
 
 PLACEHOLDER = "sks"   # LAVIS writes one placeholder word per subject vector into the target text
 BLEND_POOL = 3        # LocalBlend's max-pool window (k = 1)
-MAP_DIVISOR = 4       # blend maps and self-replacement at 1/4 of the latent side and below
+WORD_PUNCTUATION = ".,;:!?\"'()[]{}"   # around a word, not part of it, when blend words are matched
+MAP_DOWNSAMPLES = 2   # blend maps and self-replacement two UNet downsamplings below the latent (1/4 side)
 
 
 class EditError(ValueError):
@@ -48,10 +51,11 @@ class EditError(ValueError):
 # -- prompts -------------------------------------------------------------------------------------
 def edit_texts(src_subject: str, tgt_subject: str, prompt: str,
                subject_tokens: int = SUBJECT_TOKENS) -> tuple[str, str]:
-    """(source, target) texts of LAVIS ``_build_prompts_edit``; the prompt is stripped, as the
-    inversion's ``_build_prompt`` does (LAVIS strips it there but not here)."""
+    """(source, target) texts of LAVIS ``_build_prompts_edit``, with every run of whitespace made one
+    space (LAVIS only strips the prompt): the tokenizer reads them the same either way, and the blend
+    words are then found by the space-separated words."""
     placeholder = " ".join([PLACEHOLDER] * subject_tokens)
-    prompt = prompt.strip()
+    prompt = " ".join(prompt.split())
     return f"a {src_subject} {prompt}", f"a {placeholder} {tgt_subject} {prompt}"
 
 
@@ -111,17 +115,24 @@ def refinement_mapper(src_ids: Sequence[int], tgt_ids: Sequence[int],
 def word_positions(text: str, word: str, token_strings: Sequence[str]) -> list[int]:
     """Token positions (BOS = 0) of every occurrence of ``word`` among the space-separated
     words of ``text``: LAVIS ``get_word_inds``. ``token_strings`` are the decoded tokens of
-    ``text`` without BOS/EOS, each as ``tokenizer.decode([id])`` gives it."""
+    ``text`` without BOS/EOS, each as ``tokenizer.decode([id])`` gives it.
+
+    Beyond LAVIS, which finds a word only when it is written exactly so: case does not matter
+    (the tokenizer lower-cases), a word written with punctuation on it ("grass." for "grass")
+    counts with the tokens of the word alone, and a '#' is kept (LAVIS strips it from tokens as
+    BERT's '##'; in CLIP's tokens it is a character, and stripping it misaligned what follows).
+    """
     words = text.split(" ")
-    wanted = {i for i, w in enumerate(words) if w == word}
+    word = word.lower()
+    exact = {i for i, w in enumerate(words) if w.lower() == word}
+    loose = {i for i, w in enumerate(words) if i not in exact and w.lower().strip(WORD_PUNCTUATION) == word}
     out: list[int] = []
-    if not wanted:
+    if not exact and not loose:
         return out
-    pieces = [s.strip("#") for s in token_strings]
     length, ptr = 0, 0
-    for i, piece in enumerate(pieces):
+    for i, piece in enumerate(token_strings):
         length += len(piece)
-        if ptr in wanted:
+        if ptr in exact or (ptr in loose and piece.strip(WORD_PUNCTUATION)):
             out.append(i + 1)
         if ptr < len(words) and length >= len(words[ptr]):
             ptr, length = ptr + 1, 0
@@ -151,13 +162,21 @@ class EditPlan:
         return 0 <= call < int(self.calls * self.self_replace)
 
 
-def blend_layer(queries: int, latent_tokens: int, in_middle: bool) -> bool:
-    """Cross-attention layers whose maps make the blend mask (1/4 of the latent side, not mid)."""
-    return not in_middle and queries * MAP_DIVISOR ** 2 == latent_tokens
+def map_size(latent_hw: tuple[int, int], downsamples: int = MAP_DOWNSAMPLES) -> tuple[int, int]:
+    """The (h, w) of the UNet's attention maps ``downsamples`` stride-2 levels below the latent."""
+    h, w = latent_hw
+    for _ in range(downsamples):
+        h, w = -(-h // 2), -(-w // 2)
+    return h, w
 
 
-def self_replace_layer(queries: int, latent_tokens: int) -> bool:
-    return queries * MAP_DIVISOR ** 2 <= latent_tokens
+def blend_layer(queries: int, latent_hw: tuple[int, int], in_middle: bool) -> bool:
+    """Cross-attention layers whose maps make the blend mask (``map_size`` of the latent, not mid)."""
+    return not in_middle and queries == math.prod(map_size(latent_hw))
+
+
+def self_replace_layer(queries: int, latent_hw: tuple[int, int]) -> bool:
+    return queries <= math.prod(map_size(latent_hw))
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -209,7 +228,7 @@ def blend_mask(state: BlendState, plan: EditPlan, latent_hw: tuple[int, int]) ->
     mask alone.
     """
     h, w = latent_hw
-    hb, wb = h // MAP_DIVISOR, w // MAP_DIVISOR
+    hb, wb = map_size(latent_hw)
     if not state.sums or not plan.blend_positions:
         return torch.zeros(1, 1, h, w)
     words = torch.zeros(state.sums[0].shape[-1], device=state.sums[0].device)
@@ -233,9 +252,12 @@ def local_blend(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, offset: int = 1) -> list[int]:
     """The SD1.5 DDIMScheduler's timesteps ("leading", steps_offset 1; 50 steps: 981, ..., 1)."""
     try:
-        return [t + offset for t in leading_timesteps(steps, num_train_timesteps)]
+        ts = [t + offset for t in leading_timesteps(steps, num_train_timesteps)]
     except ValueError as err:
         raise EditError(str(err)) from None
+    if ts[0] >= num_train_timesteps:   # the offset pushes the last of 1000 steps past the table
+        raise EditError(f"DDIM takes at most {num_train_timesteps - offset} steps here, got {steps} (published: 50)")
+    return ts
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float) -> torch.Tensor:

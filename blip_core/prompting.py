@@ -6,6 +6,7 @@ caption ``a {category}`` takes the same place around the subject, unamplified.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 CONTEXT_LENGTH = 77
@@ -16,6 +17,8 @@ SUBJECT_BEGIN = 2  # after BOS and "a"
 def amplify_prompt(prompt: str, category: str, strength: float = 1.0, reps: int = 20) -> str:
     """``"a {category} {prompt}"`` repeated ``int(strength * reps)`` times, comma-joined."""
     one = f"a {category} {prompt.strip()}"
+    if not math.isfinite(strength):
+        raise ValueError(f"prompt_strength must be a finite number, got {strength}")
     count = int(strength * reps)
     if count < 1:
         raise ValueError(f"prompt_strength x prompt_reps must be at least 1 (got {strength} x {reps})")
@@ -44,6 +47,10 @@ def layout_tokens(encode, decode, prompt: str, category: str, strength: float, r
     the words it loses are reported.
     """
     room = CONTEXT_LENGTH - subject_tokens - 2
+    if room < 2:
+        raise ValueError(f"the subject has {subject_tokens} vectors, which leave the text encoder's {CONTEXT_LENGTH} "
+                         f"positions no room for the prompt (BLIP-Diffusion subjects have {SUBJECT_TOKENS}): use a "
+                         "subject made by a BLIP-Diffusion subject encoder")
     body = encode(amplify_prompt(prompt, category, strength, reps))[:room]
     seq = [bos] + body + [eos]
     seq += [pad] * (CONTEXT_LENGTH - subject_tokens - len(seq))

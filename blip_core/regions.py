@@ -50,13 +50,28 @@ def as_map(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
         mask = mask[0]
     if mask.ndim != 2 or min(mask.shape) < 1:
         raise RegionError(f"{name}: expected a (height, width) mask, got shape {tuple(mask.shape)}")
-    return mask.float().clamp(0, 1)
+    return mask.float().cpu().clamp(0, 1)   # masks from other nodes may sit on the GPU
 
 
 def resize(region: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(region.shape) == tuple(size):
         return region
     return F.interpolate(region[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def cover(region: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``region`` centre-cropped to the aspect of ``size``, then resized to it: a mask drawn on the
+    whole photo lands where Subject Edit Photo's centre crop put the photo's pixels."""
+    (h, w), (th, tw) = region.shape, size
+    if h * tw > w * th:       # taller than the target: keep the centre rows
+        keep = max(1, round(w * th / tw))
+        top = (h - keep) // 2
+        region = region[top:top + keep]
+    elif h * tw < w * th:     # wider: keep the centre columns
+        keep = max(1, round(h * tw / th))
+        left = (w - keep) // 2
+        region = region[:, left:left + keep]
+    return resize(region, size)
 
 
 def layout(masks: list[torch.Tensor | None], boxes: list[str], names: list[str]) -> tuple[list[torch.Tensor],

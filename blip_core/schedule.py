@@ -29,6 +29,42 @@ def leading_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
     return [i * ratio for i in reversed(range(steps))]
 
 
+# Below this first timestep a render that starts from pure noise comes out noisy: the noise it
+# starts from belongs to a noisier timestep than the one the sampler treats it as. Under 10 steps
+# the first timestep is low by the spacing itself (2 steps: 500), as published, and allowed.
+LEAST_FIRST_TIMESTEP = 850
+
+
+def start_problem(first_timestep: int, steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str | None:
+    """Why ``steps`` steps from ``first_timestep`` cannot start from pure noise, or None if they can."""
+    if steps < 10 or first_timestep >= LEAST_FIRST_TIMESTEP:
+        return None
+    return (f"{steps} steps starting at timestep {first_timestep} of {num_train_timesteps} cannot start from pure "
+            "noise: the picture would come out noisy")
+
+
+def steps_problem(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str | None:
+    """Why ``steps`` of leading spacing cannot sample from pure noise (with the fix), or None if they can.
+
+    ``num_train_timesteps // steps`` floors, so some step counts start far below the top of the
+    schedule (334 steps: 666; 400: 798; 600: 599) while fewer steps start near it (333: 996).
+    """
+    if steps < 2:
+        return f"{steps} step samples nothing (its only timestep is 0): use at least 2 (published: 25 to 100)"
+    first = leading_timesteps(steps, num_train_timesteps)[0]
+    problem = start_problem(first, steps, num_train_timesteps)
+    if problem is None:
+        return None
+    return (f"{problem} (the published spacing {num_train_timesteps} // {steps} = {num_train_timesteps // steps} "
+            f"floors): use {fewer_steps(steps, num_train_timesteps)} steps or fewer (published: 25 to 100)")
+
+
+def fewer_steps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> int:
+    """The most steps under ``steps`` whose leading spacing starts from pure noise."""
+    return next(n for n in range(steps - 1, 9, -1)
+                if start_problem(leading_timesteps(n, num_train_timesteps)[0], n, num_train_timesteps) is None)
+
+
 def sigma_to_alpha(sigma: float) -> float:
     """alpha_bar of a k-diffusion sigma (sigma^2 = (1 - alpha_bar) / alpha_bar)."""
     return 1.0 / (1.0 + sigma * sigma)

@@ -127,4 +127,5 @@ def _normalised_weights(weights, count: int) -> torch.Tensor:
         raise ValueError(f"image weights must be finite and non-negative, got {w.tolist()}")
     if w.sum() <= 0:
         raise ValueError("image weights must not all be zero")
+    w = w / w.max()   # weights near the float limit would sum to inf
     return w / w.sum()

@@ -17,7 +17,7 @@ import comfy.utils
 import comfy.ldm.modules.attention as host_attention
 
 from ..blip_core import editing, regions
-from ..blip_core.schedule import alphas_cumprod, leading_timesteps
+from ..blip_core.schedule import alphas_cumprod, leading_timesteps, steps_problem
 
 log = logging.getLogger("blip_diffusion")
 
@@ -78,9 +78,8 @@ class EditAttention:
     def self_attention(self, q, k, v, extra):
         out = host_attention_fn(q, k, v, extra)
         rows = self.pair_rows(q.shape[0], extra)
-        latent_tokens = math.prod(extra["original_shape"][-2:])
         if rows is None or not (self.plan.self_active(self.call)
-                                and editing.self_replace_layer(q.shape[1], latent_tokens)):
+                                and editing.self_replace_layer(q.shape[1], extra["original_shape"][-2:])):
             return out
         s, t = rows
         heads = extra["n_heads"]
@@ -93,8 +92,7 @@ class EditAttention:
         rows = self.pair_rows(q.shape[0], extra)
         if rows is None:
             return out
-        latent_tokens = math.prod(extra["original_shape"][-2:])
-        blend = editing.blend_layer(q.shape[1], latent_tokens, extra["block"][0] == "middle")
+        blend = editing.blend_layer(q.shape[1], extra["original_shape"][-2:], extra["block"][0] == "middle")
         refine = self.plan.cross_active(self.call)
         if not (blend or refine):
             return out
@@ -194,7 +192,7 @@ class EditSampler(comfy.samplers.Sampler):
         def after_call(call, x):
             self.mask = editing.blend_mask(self.attention.blend, self.attention.plan, hw)
             if self.region is not None:
-                self.mask = self.mask * regions.resize(self.region, hw).to(self.mask)
+                self.mask = self.mask * regions.cover(self.region, hw).to(self.mask)
             comfy.model_management.throw_exception_if_processing_interrupted()
             pbar.update(1)
             return editing.local_blend(x, self.mask)
@@ -242,6 +240,9 @@ def run_edit(model, prompts, plan: editing.EditPlan, start: torch.Tensor, from_p
         noise, image = torch.zeros_like(pair), pair
         ts = editing.ddim_timesteps(steps)
     else:
+        problem = steps_problem(steps)
+        if problem:
+            raise editing.EditError(f"generating the scene: {problem}")
         noise = comfy.sample.prepare_noise(start[:1], seed).expand(2, -1, -1, -1).contiguous()
         image = torch.zeros_like(pair)
         ts = leading_timesteps(steps)
@@ -300,14 +301,14 @@ def build_prompts(clip, subject, source_subject: str, prompt: str, target_catego
                     CONTEXT_LENGTH - 2)
         neg_ids = neg_ids[:CONTEXT_LENGTH - 2]
     words = [w for w in (blend_words or src_subject).replace(",", " ").split()]
-    src_words = src_text.split(" ")
-    missing = [w for w in words if w not in src_words]
+    pieces = [hf.decode([i]) for i in src_ids]
+    found = {w: editing.word_positions(src_text, w, pieces) for w in words}
+    missing = [w for w in words if not found[w]]
     if missing:
         raise editing.EditError(f"blend word(s) {missing} are not words of the source prompt '{src_text}': the "
                                 "local blend needs words the photo's description contains (usually the source "
                                 "subject, e.g. 'dog')")
-    pieces = [hf.decode([i]) for i in src_ids]
-    positions = sorted({p for w in words for p in editing.word_positions(src_text, w, pieces)})
+    positions = sorted({p for w in words for p in found[w]})
     mapper, alphas = editing.refinement_mapper([tok.start_token] + src_ids + [tok.end_token],
                                                [tok.start_token] + tgt_ids + [tok.end_token])
     src_cond, src_pooled = encode_spliced(clip, _window(tok, src_ids, CONTEXT_LENGTH), None)

@@ -48,7 +48,9 @@ class SubjectConditioning(io.ComfyNode):
                                                       "LoadSubject."),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="What to render the subject doing or where, e.g. 'on a beach at "
-                                        "sunset'. The category is prepended for you."),
+                                        "sunset'. The category is prepended for you. Read as plain text, as the "
+                                        "published pipeline reads it: ComfyUI's (word:1.2) weights and embedding: "
+                                        "names are not applied."),
                 io.String.Input("target_category", default="",
                                 tooltip="The category word used in the prompt; empty uses the subject's own "
                                         "category. Change it to re-render the subject as something else."),

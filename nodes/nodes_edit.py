@@ -179,8 +179,10 @@ class SubjectEdit(io.ComfyNode):
                                tooltip="How much of the blend words' peak attention a place needs to change "
                                        "(published 0.3; lower changes a larger region, e.g. 0.15 for clothes)."),
                 io.Mask.Input("region", optional=True,
-                              tooltip="Optional: where the edit may change the photo (white), e.g. drawn in the "
-                                      "mask editor or the same mask as a Subjects in Regions region. The edit then "
+                              tooltip="Optional: where the edit may change the photo (white), e.g. drawn on the "
+                                      "photo in the mask editor (a mask of the whole photo is cropped to its centre "
+                                      "as Subject Edit Photo crops the photo) or the same mask as a Subjects in "
+                                      "Regions region. The edit then "
                                       "changes only where both this region and the blend words allow it; with "
                                       "blend_threshold 0 the region alone decides."),
             ],
@@ -208,6 +210,10 @@ class SubjectEdit(io.ComfyNode):
         plan = edit_prompts.plan(steps, cross_replace, self_replace, blend_threshold)
         try:
             allowed = None if region is None else regions.as_map(region, "region")
+            if allowed is not None and not allowed.gt(0).any():
+                raise regions.RegionError("region is empty (an all-black mask, e.g. LoadImage's mask of a photo "
+                                          "without transparency): paint where the edit may change the photo "
+                                          "in the mask editor, or disconnect region")
             latents, mask = host_edit.run_edit(model, edit_prompts, plan, samples, from_photo, steps, cfg, seed,
                                                allowed)
         except (editing.EditError, regions.RegionError) as err:

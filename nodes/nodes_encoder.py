@@ -58,9 +58,22 @@ def load_encoder(path: str, name: str, dtype: torch.dtype | None = None) -> Enco
     return EncoderHandle(encoder, name, dtype or encoder_dtype(mm.text_encoder_device()))
 
 
+def lavis_folders() -> list[str]:
+    """LAVIS checkpoint folders (blip_model/ + proj_layer/), relative to a registered path."""
+    found = set()
+    for base in folder_paths.get_folder_paths(paths.BLIP_FOLDER):
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True) if os.path.isdir(base) else ():
+            if "model_index.json" in filenames:
+                dirnames[:] = []   # a released model folder: its encoder is its qformer/
+            elif encoder_weights.locate(dirpath).layout == "lavis":
+                found.add(os.path.relpath(dirpath, base))
+                dirnames[:] = []
+    return sorted(found)
+
+
 def encoder_choices() -> list[str]:
-    """Model folders, plus single encoder files that do not belong to a model folder."""
-    folders = paths.list_model_folders()
+    """Model folders and LAVIS checkpoint folders, plus single encoder files that belong to neither."""
+    folders = paths.list_model_folders() + lavis_folders()
     files = [f for f in folder_paths.get_filename_list(paths.BLIP_FOLDER)
              if not any(f.startswith(d.rstrip("/") + "/") or f.startswith(d.rstrip(os.sep) + os.sep) for d in folders)
              and f.endswith((".safetensors", ".pt", ".pth", ".bin"))]
@@ -68,6 +81,10 @@ def encoder_choices() -> list[str]:
 
 
 def resolve_encoder(name: str) -> str:
+    if name in lavis_folders():
+        for base in folder_paths.get_folder_paths(paths.BLIP_FOLDER):
+            if encoder_weights.locate(os.path.join(base, name)).layout == "lavis":
+                return os.path.join(base, name)
     try:
         folder = paths.resolve_model_folder(name)
     except FileNotFoundError:

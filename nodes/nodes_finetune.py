@@ -184,6 +184,10 @@ class LoadBlipFinetune(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, finetune_name, **_):
+        return paths.file_stamp(paths.FINETUNE_FOLDER, finetune_name)
+
+    @classmethod
     def execute(cls, model, finetune_name, strength) -> io.NodeOutput:
         path = paths.saved_file_path(paths.FINETUNE_FOLDER, finetune_name, "fine-tune")
         unet_sd, subject, _mode, _meta = finetune_io.load_finetune(path)
@@ -218,6 +222,10 @@ class LoadLavisFinetune(io.ComfyNode):
                 SubjectType.Output(tooltip="The fine-tuned subject, for Subject Conditioning with this MODEL."),
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, checkpoint_name, **_):
+        return paths.file_stamp(paths.FINETUNE_FOLDER, checkpoint_name)
 
     @classmethod
     def execute(cls, model, checkpoint_name, category) -> io.NodeOutput:

@@ -55,6 +55,17 @@ class PNDMKSampler(comfy.samplers.KSAMPLER):
     def max_denoise(self, model_wrap, sigmas):
         return self.full_denoise or super().max_denoise(model_wrap, sigmas)
 
+    def sample(self, model_wrap, sigmas, *args, **kwargs):
+        model_sampling = model_wrap.inner_model.model_sampling
+        if self.full_denoise and len(sigmas) > 1 and not isinstance(model_sampling, comfy.model_sampling.CONST):
+            first = round(float(model_sampling.timestep(sigmas[0].reshape(1)).item()))
+            problem = schedule.start_problem(first, len(sigmas) - 1, len(model_sampling.sigmas))
+            if problem:
+                raise ValueError(f"BLIP-Diffusion PNDM Sampler: {problem}. With BLIP-Diffusion PNDM Scheduler use "
+                                 f"{schedule.fewer_steps(len(sigmas) - 1)} steps or fewer; for split sigmas or "
+                                 "image-to-image turn full_denoise off")
+        return super().sample(model_wrap, sigmas, *args, **kwargs)
+
 
 class BlipPNDMSampler(io.ComfyNode):
     @classmethod
@@ -93,7 +104,7 @@ class BlipPNDMScheduler(io.ComfyNode):
                         "as the model's exact sigmas, then 0 for the final step. Feed BLIP-Diffusion PNDM Sampler.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model whose noise schedule gives the sigmas."),
-                io.Int.Input("steps", default=25, min=1, max=1000,
+                io.Int.Input("steps", default=25, min=2, max=1000,
                              tooltip="Sampling steps. The paper used 100, diffusers' example 25. diffusers makes "
                                      "N+1 model calls (the second timestep twice, PLMS warm-up); the last, at "
                                      "t=0, changes nothing and is skipped here."),

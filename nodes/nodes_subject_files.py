@@ -56,6 +56,10 @@ class LoadSubject(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, subject_name, **_):
+        return paths.file_stamp(paths.SUBJECT_FOLDER, subject_name)
+
+    @classmethod
     def execute(cls, subject_name, subject_encoder=None) -> io.NodeOutput:
         path = paths.saved_file_path(paths.SUBJECT_FOLDER, subject_name, "subject",
                                      ": save one with Save Subject first, or choose an existing file")

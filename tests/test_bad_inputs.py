@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import random
 import re
@@ -33,9 +34,10 @@ from safetensors.torch import save_file
 
 from blip_diffusion.api.client import ExecutionFailed, PromptRejected
 from blip_diffusion.blip_core import encoder_weights
+from blip_diffusion.blip_core.encoder_weights import read_tensors
 from blip_diffusion.blip_core.subject import Subject
 from blip_diffusion.blip_core.subject_io import load_subject, save_subject
-from encoder_files import save_single_file
+from encoder_files import lavis_files, save_single_file, to_lavis_state_dict
 from graphs import api_workflow, put_input_image, zero_shot
 from paths import ROOT, TEST_MODEL
 
@@ -128,6 +130,12 @@ def env(comfy_server, test_model_dir):
     save_single_file(other, str(made(models / "bi_other_encoder.safetensors")))
     del other
     _half_of(models / "bi_other_encoder.safetensors", made(models / "bi_truncated_encoder.safetensors"))
+
+    # a LAVIS checkpoint folder (blip_model/ + proj_layer/) of the test encoder, for Load Subject Encoder
+    lavis = lavis_files(to_lavis_state_dict(read_tensors(str(qformer_bin))))
+    for rel, sd in lavis.items():
+        (made(models / "bi-lavis-run") / rel).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(sd, models / "bi-lavis-run" / rel)
 
     # subject files: two good ones for the interpolation cases, bad ones for LoadSubject
     gen = torch.Generator().manual_seed(0)
@@ -277,6 +285,50 @@ def edit_with_two_photos(env: Env) -> dict:
 
 def check_edit(r: "Ran"):
     assert len(r.result.outputs["save"]["images"]) == 1
+
+
+def edit_saving_mask(env: Env, **kw) -> dict:
+    return edit_graph(env, **kw, extra={
+        "mask_image": {"class_type": "MaskToImage", "inputs": {"mask": ["edit", 2]}},
+        "save_mask": {"class_type": "SaveImage", "inputs": {"images": ["mask_image", 0],
+                                                            "filename_prefix": f"{PREFIX}mask"}}})
+
+
+def check_mask_not_empty(r: "Ran"):
+    mask = np.asarray(Image.open(io.BytesIO(r.api.view(r.result.outputs["save_mask"]["images"][0]))).convert("L"))
+    assert (mask > 127).any(), "the blend mask is empty: the edit changed nothing"
+
+
+def generate_then_edit(env: Env, steps: int) -> dict:
+    g = edit_graph(env, extra={
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}})
+    g["edit"]["inputs"].update(latent=["empty", 0], steps=steps)
+    return g
+
+
+def edit_with_photo_mask(env: Env) -> dict:
+    g = edit_graph(env)
+    g["edit"]["inputs"]["region"] = ["scene", 1]   # LoadImage's mask of a photo without alpha: all black
+    return g
+
+
+def write_subject(env: Env, name: str, seed: int) -> Subject:
+    subject = Subject(torch.randn(1, 16, 768, generator=torch.Generator().manual_seed(seed)), "teapot", {})
+    save_subject(subject, str(env.base / "models" / "blip_subjects"), name, overwrite=True)
+    return subject
+
+
+def check_subject_file_read_again(r: "Ran"):
+    # the graph copied the first file; the same graph after the file was saved again copies the new one
+    assert torch.equal(saved_subject(r.env, r.graph).embedding, write_subject.first.embedding)
+    second = write_subject(r.env, f"{PREFIX}rewritten", seed=22)
+    r.api.run(r.graph)
+    assert torch.equal(saved_subject(r.env, r.graph).embedding, second.embedding)
+
+
+def check_lavis_encoder(r: "Ran"):
+    released = encode_via_api(r.api, r.env, "sample")
+    assert max_diff(saved_subject(r.env, r.graph).embedding, released) <= 1e-3
 
 
 def interpolate_graph(env: Env, four=False, **inputs) -> dict:
@@ -513,6 +565,8 @@ CASES = [
     Case("encloader-truncated-safetensors", "BlipSubjectEncoderLoader",
          lambda e: encoder_loader_graph(e, "bi_truncated_encoder.safetensors"), "failed",
          ("but its header describes", *CORRUPT)),
+    Case("encloader-lavis-folder", "BlipSubjectEncoderLoader", lambda e: encoder_loader_graph(e, "bi-lavis-run"),
+         "ok", check=check_lavis_encoder),
     Case("encloader-vae-file", "BlipSubjectEncoderLoader",
          lambda e: encoder_loader_graph(e, "bi_vae_as_encoder.bin"), "failed",
          ("is not a BLIP-Diffusion subject encoder", "encoder.conv_in.weight",
@@ -561,11 +615,16 @@ CASES = [
     Case("cond-repeats-below-one", "SubjectConditioning",
          lambda e: render_graph(e, prompt_strength=0.05, prompt_reps=10), "failed",
          ("prompt_strength x prompt_reps must be at least 1", "0.05 x 10")),
+    Case("cond-strength-nan", "SubjectConditioning", lambda e: render_graph(e, prompt_strength=float("nan")),
+         "failed", ("prompt_strength must be a finite number, got nan",), nan=True),
     Case("cond-blank-prompt-and-target", "SubjectConditioning",
          lambda e: render_graph(e, seed=2, prompt="", target_category="   "), "ok", check=check_render),
     # ---- PNDM Scheduler / Sampler
-    Case("sched-steps-0", "BlipPNDMScheduler", lambda e: with_(render_graph(e), "sigmas", steps=0), "rejected",
-         ("Value 0 smaller than min of 1", "steps")),
+    Case("sched-steps-1", "BlipPNDMScheduler", lambda e: with_(render_graph(e), "sigmas", steps=1), "rejected",
+         ("Value 1 smaller than min of 2", "steps")),
+    Case("sampler-start-too-low", "SamplerCustom", lambda e: with_(render_graph(e), "sigmas", steps=400), "failed",
+         ("400 steps starting at timestep 798 of 1000 cannot start from pure noise", "use 333 steps or fewer",
+          "for split sigmas or image-to-image turn full_denoise off")),
     Case("sched-steps-1001", "BlipPNDMScheduler", lambda e: with_(render_graph(e), "sigmas", steps=1001),
          "rejected", ("Value 1001 bigger than max of 1000", "steps")),
     Case("sched-clip-as-model", "BlipPNDMScheduler",
@@ -581,6 +640,9 @@ CASES = [
          ("subject name '../escape' is not allowed", "no folders")),
     Case("save-exists", "SaveSubject", lambda e: save_subject_graph(e, "bi_exists"), "failed",
          ("bi_exists.safetensors already exists", "choose another name or enable overwrite")),
+    Case("load-file-saved-again", "LoadSubject", lambda e: load_subject_graph(e, f"{PREFIX}rewritten.safetensors"),
+         "ok", check=check_subject_file_read_again,
+         setup=lambda api, e: setattr(write_subject, "first", write_subject(e, f"{PREFIX}rewritten", seed=21))),
     Case("load-empty-name", "LoadSubject", lambda e: load_subject_graph(e, ""), "failed",
          ("subject file '' not found in models/blip_subjects/", "save one with Save Subject first")),
     Case("load-corrupt-file", "LoadSubject", lambda e: load_subject_graph(e, "bi_corrupt_subject.safetensors"),
@@ -664,6 +726,16 @@ CASES = [
          check=check_edit),
     Case("edit-empty-mask", "SubjectEdit", lambda e: edit_graph(e, edit={"blend_threshold": 1.0}), "ok",
          log=("the blend mask is empty (threshold 1.00)", "lower blend_threshold"), check=check_edit),
+    Case("edit-size-not-multiple-of-32", "SubjectEdit", lambda e: edit_saving_mask(e, size=72), "ok",
+         check=check_mask_not_empty),
+    Case("edit-blend-word-with-period", "SubjectEditPrompts", lambda e: edit_saving_mask(
+        e, prompts={"prompt": "standing on the  grass.", "blend_words": "grass"}), "ok", check=check_mask_not_empty),
+    Case("edit-ddim-1000-steps", "SubjectEditInvert", lambda e: with_(edit_graph(e), "invert", steps=1000), "failed",
+         ("DDIM takes at most 999 steps here, got 1000",)),
+    Case("edit-generate-start-too-low", "SubjectEdit", lambda e: generate_then_edit(e, 400), "failed",
+         ("generating the scene: 400 steps starting at timestep 798", "use 333 steps or fewer")),
+    Case("edit-region-all-black", "SubjectEdit", edit_with_photo_mask, "failed",
+         ("region is empty (an all-black mask", "paint where the edit may change the photo")),
 ]
 IN_PROCESS = ["encode-batch-0"]
 

@@ -117,3 +117,12 @@ def test_splice_puts_the_subject_after_bos_and_a():
     assert [p[0] for p in pairs[:2]] == [49406, 320] and torch.equal(pairs[2][0], emb)
     assert [p[0] for p in pairs[3:]] == [1929, 49407] and {w for _, w in pairs} == {1.0}
     assert host_clip.token_pairs(layout.ids, None) == [(t, 1.0) for t in layout.ids]
+
+
+def test_a_subject_too_long_for_the_text_encoder_is_refused():
+    """A hand-made subject of 80 vectors would leave the 77 positions no room: refused by name, before the
+    host's CLIP gets a 196-position input."""
+    from blip_diffusion.blip_core.prompting import layout_tokens
+
+    with pytest.raises(ValueError, match="the subject has 80 vectors, which leave the text encoder's 77 positions"):
+        layout_tokens(lambda t: [1] * len(t.split()), str, "on a beach", "dog", 1.0, 20, 0, 2, 3, subject_tokens=80)

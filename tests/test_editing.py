@@ -59,6 +59,17 @@ def test_word_positions_count_subword_tokens():
     assert editing.word_positions(text, "cat", pieces) == []
 
 
+def test_word_positions_see_words_through_spacing_case_punctuation_and_hashes():
+    # The tokens as CLIP decodes them: punctuation and '#' are tokens of their own, lower case.
+    src, _ = editing.edit_texts("dog", "dog", "on the  Grass.\n#nofilter near a tree")
+    assert src == "a dog on the Grass. #nofilter near a tree"
+    pieces = ["a", "dog", "on", "the", "grass", ".", "#", "no", "filter", "near", "a", "tree"]
+    assert editing.word_positions(src, "grass", pieces) == [5]
+    assert editing.word_positions(src, "tree", pieces) == [12]
+    assert editing.word_positions(src, "near", pieces) == [10]
+    assert editing.word_positions(src, "gras", pieces) == []
+
+
 def test_plan_counts_calls_as_lavis_tables_do():
     plan = editing.EditPlan(torch.arange(77), torch.ones(77), [2], calls=50)
     assert sum(plan.cross_active(c) for c in range(50)) == int(0.8 * 51)   # 40
@@ -68,12 +79,35 @@ def test_plan_counts_calls_as_lavis_tables_do():
 
 def test_layers_by_resolution_pick_lavis_layers_at_512():
     # SD1.5 at 512 px: latent 64x64; cross maps at 64^2, 32^2, 16^2 (down and up), 8^2 (mid).
-    n = 64 * 64
+    n = (64, 64)
     assert editing.blend_layer(16 * 16, n, in_middle=False)
     assert not editing.blend_layer(32 * 32, n, in_middle=False)
     assert not editing.blend_layer(8 * 8, n, in_middle=True)
     assert editing.self_replace_layer(16 * 16, n) and editing.self_replace_layer(8 * 8, n)
     assert not editing.self_replace_layer(32 * 32, n)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (65, 65), (66, 90), (125, 63), (9, 11), (8, 8)])
+def test_map_size_is_what_the_unets_downsampling_makes(hw):
+    # The UNet's downsampler: a 3x3 convolution with stride 2 and padding 1, applied twice.
+    down = torch.nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    with torch.no_grad():
+        out = down(down(torch.zeros(1, 1, *hw)))
+    assert editing.map_size(hw) == tuple(out.shape[-2:])
+    assert editing.blend_layer(out.shape[-2] * out.shape[-1], hw, in_middle=False)
+
+
+def test_blend_mask_at_a_side_that_is_not_a_multiple_of_4():
+    # Latent 10x9 -> maps 3x3; the hot cell (2, 0) pools to rows 1-2, col 0-1, then nearest upsampling
+    # maps latent row r to map row floor(r * 3 / 10) and column c to floor(c * 3 / 9).
+    probs = torch.full((1, 9, 77), 0.01)
+    probs[0, 2 * 3 + 0, 5] = 1.0
+    state = editing.BlendState()
+    state.add(probs)
+    plan = editing.EditPlan(torch.arange(77), torch.ones(77), [5], calls=1, threshold=0.3)
+    mask = editing.blend_mask(state, plan, (10, 9))
+    expected = torch.tensor([[float(r * 3 // 10 >= 1 and c * 3 // 9 <= 1) for c in range(9)] for r in range(10)])
+    assert torch.equal(mask[0, 0], expected)
 
 
 def test_refine_cross_takes_source_columns_where_aligned():
@@ -126,6 +160,24 @@ def test_local_blend_keeps_source_outside_the_mask_exactly():
     inside = mask[0, 0].bool()
     assert torch.equal(out[1][:, ~inside], x[0][:, ~inside])
     assert torch.allclose(out[1][:, inside], x[1][:, inside], atol=1e-6)
+
+
+def test_step_counts_that_start_far_below_pure_noise_are_named():
+    from blip_diffusion.blip_core.schedule import steps_problem
+
+    # leading spacing: first timestep (1000 // n) * (n - 1); 334 -> 2 * 333 = 666, 400 -> 798, 600 -> 599
+    for fine in (2, 9, 10, 25, 50, 100, 150, 200, 250, 333, 500, 999, 1000):
+        assert steps_problem(fine) is None, fine
+    for n, first, fewer in ((167, 830, 166), (201, 800, 200), (334, 666, 333), (400, 798, 333), (600, 599, 500)):
+        message = steps_problem(n)
+        assert f"starting at timestep {first} of 1000" in message and f"use {fewer} steps or fewer" in message
+    assert "use at least 2" in steps_problem(1)
+
+
+def test_ddim_takes_at_most_999_steps():
+    assert editing.ddim_timesteps(999)[0] == 999
+    with pytest.raises(editing.EditError, match="at most 999 steps"):
+        editing.ddim_timesteps(1000)
 
 
 def test_ddim_timesteps_are_sd15s():

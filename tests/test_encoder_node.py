@@ -128,3 +128,10 @@ def test_half_precision_encoder_keeps_the_fp32_fingerprint_and_returns_an_fp32_m
         mean = bf16.encoder.encode(images, "teapot", weights=[3, 1])
     assert mean.dtype == torch.float32
     assert not torch.equal(mean, mean.to(torch.bfloat16).float())  # finer than bf16's grid
+
+
+def test_weights_near_the_float_limit_still_average():
+    from blip_diffusion.blip_core.subject_encoder import _normalised_weights
+
+    assert _normalised_weights([1e308, 1e308], 2).tolist() == [0.5, 0.5]
+    assert _normalised_weights([3.0, 1.0], 2).tolist() == [0.75, 0.25]

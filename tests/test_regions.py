@@ -45,6 +45,23 @@ def test_boxes_and_masks_cover_the_picture_once():
             regions.layout(masks, boxes, ["a", "b"])
 
 
+def test_a_region_drawn_on_a_wide_photo_is_cropped_as_the_photo_is():
+    # A 480x640 photo: Subject Edit Photo keeps its centre 480x480 (columns 80-559). A region over columns
+    # 80-319 is then the square's left half; one over columns 0-79 was cut off with the photo's edge.
+    region = torch.zeros(480, 640)
+    region[:, 80:320] = 1
+    square = regions.cover(region, (60, 60))
+    assert square[:, :30].eq(1).all() and square[:, 30:].eq(0).all()
+    edge = torch.zeros(480, 640)
+    edge[:, :80] = 1
+    assert regions.cover(edge, (60, 60)).eq(0).all()
+    # a tall one keeps its centre rows; the same aspect is only resized
+    tall = torch.zeros(200, 100)
+    tall[50:100] = 1
+    assert torch.equal(regions.cover(tall, (4, 4)), torch.tensor([[1.0] * 4] * 2 + [[0.0] * 4] * 2))
+    assert torch.equal(regions.cover(tall, (200, 100)), tall)
+
+
 # -- in the host ---------------------------------------------------------------------------------
 def noise_photo(server, seed: int) -> str:
     """A third subject: a fixed random photo (the same on every run)."""
