@@ -65,7 +65,7 @@ def lavis_folders() -> list[str]:
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True) if os.path.isdir(base) else ():
             if "model_index.json" in filenames:
                 dirnames[:] = []   # a released model folder: its encoder is its qformer/
-            elif encoder_weights.locate(dirpath).layout == "lavis":
+            elif dirpath != base and encoder_weights.locate(dirpath).layout == "lavis":
                 found.add(os.path.relpath(dirpath, base))
                 dirnames[:] = []
     return sorted(found)

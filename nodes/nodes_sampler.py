@@ -55,16 +55,25 @@ class PNDMKSampler(comfy.samplers.KSAMPLER):
     def max_denoise(self, model_wrap, sigmas):
         return self.full_denoise or super().max_denoise(model_wrap, sigmas)
 
-    def sample(self, model_wrap, sigmas, *args, **kwargs):
-        model_sampling = model_wrap.inner_model.model_sampling
-        if self.full_denoise and len(sigmas) > 1 and not isinstance(model_sampling, comfy.model_sampling.CONST):
-            first = round(float(model_sampling.timestep(sigmas[0].reshape(1)).item()))
-            problem = schedule.start_problem(first, len(sigmas) - 1, len(model_sampling.sigmas))
-            if problem:
-                raise ValueError(f"BLIP-Diffusion PNDM Sampler: {problem}. With BLIP-Diffusion PNDM Scheduler use "
-                                 f"{schedule.fewer_steps(len(sigmas) - 1)} steps or fewer; for split sigmas or "
-                                 "image-to-image turn full_denoise off")
-        return super().sample(model_wrap, sigmas, *args, **kwargs)
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs):
+        problem = self.start_problem(model_wrap.inner_model.model_sampling, sigmas, noise)
+        if problem:
+            raise ValueError(f"BLIP-Diffusion PNDM Sampler: {problem}")
+        return super().sample(model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs)
+
+    def start_problem(self, model_sampling, sigmas, noise) -> str | None:
+        """Why pure noise cannot start at ``sigmas[0]`` (full_denoise with noise added), or None."""
+        discrete = type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep
+        if not (self.full_denoise and discrete and len(sigmas) > 1 and noise.abs().max() > 0):
+            return None   # no noise added (add_noise off): the start is the latent, whatever the scaling
+        steps, table = len(sigmas) - 1, len(model_sampling.sigmas)
+        first = round(float(model_sampling.timestep(sigmas[0].reshape(1)).item()))
+        problem = schedule.start_problem(first, steps, table)
+        if problem is None:
+            return None
+        if first == schedule.leading_timesteps(steps, table)[0]:   # BLIP-Diffusion PNDM Scheduler's sigmas
+            return f"{schedule.steps_problem(steps, table)}; or turn full_denoise off for image-to-image"
+        return f"{problem}: turn full_denoise off for split sigmas, denoise below 1 or image-to-image"
 
 
 class BlipPNDMSampler(io.ComfyNode):

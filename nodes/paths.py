@@ -72,11 +72,11 @@ def saved_file_path(folder: str, name: str, what: str, hint: str = "") -> str:
 
 
 def file_stamp(folder: str, name: str):
-    """What a loader's cache key needs of a saved file: its name, change time and size (a file saved
-    again under the same name, e.g. with overwrite, is read again). A missing file: its name alone,
-    and the node's own run then names the problem."""
+    """What a loader's cache key needs of a saved file: its name, change time, size and inode (a file
+    saved again under the same name, e.g. with overwrite, which replaces it, is read again). A missing
+    file: its name alone, and the node's own run then names the problem."""
     path = folder_paths.get_full_path(folder, name) if isinstance(name, str) else None
     if path is None:
         return name
     st = os.stat(path)
-    return name, st.st_mtime_ns, st.st_size
+    return name, st.st_mtime_ns, st.st_size, st.st_ino

@@ -262,6 +262,15 @@ def edit_graph(env: Env, prompts=None, edit=None, extra=None, size=64) -> dict:
     return g
 
 
+def split_sigmas_graph(env: Env, add_noise=True) -> dict:
+    """The zero-shot render's 20 PNDM sigmas split at 10: the second half (timesteps 450 .. 0) sampled alone,
+    with the published sampler's default full_denoise."""
+    g = with_(render_graph(env), "sigmas", steps=20)
+    g["split"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["sigmas", 0], "step": 10}}
+    g["sample"]["inputs"].update(sigmas=["split", 1], add_noise=add_noise)
+    return g
+
+
 def edit_with_sd3_clip(env: Env) -> dict:
     g = edit_graph(env, extra={"sd3_clip": {"class_type": "CLIPLoader",
                                             "inputs": {"clip_name": "blipdiff-test-clip.bin", "type": "sd3"}}})
@@ -623,8 +632,13 @@ CASES = [
     Case("sched-steps-1", "BlipPNDMScheduler", lambda e: with_(render_graph(e), "sigmas", steps=1), "rejected",
          ("Value 1 smaller than min of 2", "steps")),
     Case("sampler-start-too-low", "SamplerCustom", lambda e: with_(render_graph(e), "sigmas", steps=400), "failed",
-         ("400 steps starting at timestep 798 of 1000 cannot start from pure noise", "use 333 steps or fewer",
-          "for split sigmas or image-to-image turn full_denoise off")),
+         ("400 steps starting at timestep 798 of 1000 cannot start from pure noise", "use 333 steps instead",
+          "or turn full_denoise off for image-to-image")),
+    Case("sampler-split-sigmas-with-noise", "SamplerCustom", split_sigmas_graph, "failed",
+         ("10 steps starting at timestep 450 of 1000 cannot start from pure noise",
+          "turn full_denoise off for split sigmas, denoise below 1 or image-to-image")),
+    Case("sampler-split-sigmas-without-noise", "SamplerCustom", lambda e: split_sigmas_graph(e, add_noise=False),
+         "ok", check=check_render),
     Case("sched-steps-1001", "BlipPNDMScheduler", lambda e: with_(render_graph(e), "sigmas", steps=1001),
          "rejected", ("Value 1001 bigger than max of 1000", "steps")),
     Case("sched-clip-as-model", "BlipPNDMScheduler",
@@ -733,7 +747,7 @@ CASES = [
     Case("edit-ddim-1000-steps", "SubjectEditInvert", lambda e: with_(edit_graph(e), "invert", steps=1000), "failed",
          ("DDIM takes at most 999 steps here, got 1000",)),
     Case("edit-generate-start-too-low", "SubjectEdit", lambda e: generate_then_edit(e, 400), "failed",
-         ("generating the scene: 400 steps starting at timestep 798", "use 333 steps or fewer")),
+         ("generating the scene: 400 steps starting at timestep 798", "use 333 steps instead")),
     Case("edit-region-all-black", "SubjectEdit", edit_with_photo_mask, "failed",
          ("region is empty (an all-black mask", "paint where the edit may change the photo")),
 ]

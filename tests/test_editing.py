@@ -170,7 +170,7 @@ def test_step_counts_that_start_far_below_pure_noise_are_named():
         assert steps_problem(fine) is None, fine
     for n, first, fewer in ((167, 830, 166), (201, 800, 200), (334, 666, 333), (400, 798, 333), (600, 599, 500)):
         message = steps_problem(n)
-        assert f"starting at timestep {first} of 1000" in message and f"use {fewer} steps or fewer" in message
+        assert f"starting at timestep {first} of 1000" in message and f"use {fewer} steps instead" in message
     assert "use at least 2" in steps_problem(1)
 
 

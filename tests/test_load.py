@@ -51,7 +51,7 @@ def output_files(server) -> set[str]:
 # Invalid prompts at these queue positions: (how it is broken, where it ends, words of its error)
 INVALID = {
     7: ("blank category", "rejected", "category is empty"),
-    15: ("steps 0", "rejected", "Value 0 smaller than min of 1"),
+    15: ("steps 0", "rejected", "Value 0 smaller than min of 2"),
     23: ("category too long", "SubjectEncode", "category is too long"),
     31: ("prompt repeated less than once", "SubjectConditioning", "prompt_strength x prompt_reps must be at least 1"),
     42: ("weights for two images, one image", "SubjectEncode", "image_weights has 2 numbers but 1 images"),
