@@ -58,22 +58,14 @@ def load_encoder(path: str, name: str, dtype: torch.dtype | None = None) -> Enco
     return EncoderHandle(encoder, name, dtype or encoder_dtype(mm.text_encoder_device()))
 
 
-def lavis_folders() -> list[str]:
-    """LAVIS checkpoint folders (blip_model/ + proj_layer/), relative to a registered path."""
-    found = set()
-    for base in folder_paths.get_folder_paths(paths.BLIP_FOLDER):
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True) if os.path.isdir(base) else ():
-            if "model_index.json" in filenames:
-                dirnames[:] = []   # a released model folder: its encoder is its qformer/
-            elif dirpath != base and encoder_weights.locate(dirpath).layout == "lavis":
-                found.add(os.path.relpath(dirpath, base))
-                dirnames[:] = []
-    return sorted(found)
+def is_lavis_folder(path: str) -> bool:
+    """A LAVIS checkpoint folder (blip_model/ + proj_layer/)."""
+    return encoder_weights.locate(path).layout == "lavis"
 
 
 def encoder_choices() -> list[str]:
     """Model folders and LAVIS checkpoint folders, plus single encoder files that belong to neither."""
-    folders = paths.list_model_folders() + lavis_folders()
+    folders = paths.list_model_folders(also=is_lavis_folder)
     files = [f for f in folder_paths.get_filename_list(paths.BLIP_FOLDER)
              if not any(f.startswith(d.rstrip("/") + "/") or f.startswith(d.rstrip(os.sep) + os.sep) for d in folders)
              and f.endswith((".safetensors", ".pt", ".pth", ".bin"))]
@@ -81,18 +73,16 @@ def encoder_choices() -> list[str]:
 
 
 def resolve_encoder(name: str) -> str:
-    if name in lavis_folders():
-        for base in folder_paths.get_folder_paths(paths.BLIP_FOLDER):
-            if encoder_weights.locate(os.path.join(base, name)).layout == "lavis":
-                return os.path.join(base, name)
     try:
-        folder = paths.resolve_model_folder(name)
+        folder = paths.resolve_model_folder(name, also=is_lavis_folder)
     except FileNotFoundError:
         path = folder_paths.get_full_path(paths.BLIP_FOLDER, name)
         if path is None:
             raise FileNotFoundError(f"subject encoder '{name}' not found in models/{paths.BLIP_FOLDER}/: put a "
                                     "released model folder or an encoder file there and choose it in encoder_name")
         return path
+    if is_lavis_folder(folder):
+        return folder   # load_encoder reads its layout
     if not os.path.isdir(os.path.join(folder, "qformer")):
         raise FileNotFoundError(f"model folder '{name}' has no qformer/ subfolder (the subject encoder): copy it "
                                 "from the released folder, or choose an encoder file")

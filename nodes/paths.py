@@ -1,5 +1,6 @@
 """Model folders the pack registers with the host's ``folder_paths``."""
 import os
+from typing import Callable
 
 import folder_paths
 from comfy_api.latest import io
@@ -29,27 +30,29 @@ def finetune_files(lavis: bool = False) -> list[str]:
     return [f for f in folder_paths.get_filename_list(FINETUNE_FOLDER) if f.lower().endswith(exts)]
 
 
-def list_model_folders() -> list[str]:
-    """Released-layout folders (those holding model_index.json), relative to a registered path."""
+def list_model_folders(also: Callable[[str], bool] | None = None) -> list[str]:
+    """Released-layout folders (those holding model_index.json), relative to a registered path; with
+    ``also``, the folders below a registered path for which ``also(path)`` holds too (one walk)."""
     found = set()
     for base in folder_paths.get_folder_paths(BLIP_FOLDER):
         if not os.path.isdir(base):
             continue
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            if "model_index.json" in filenames:
+            if "model_index.json" in filenames or (also is not None and dirpath != base and also(dirpath)):
                 found.add(os.path.relpath(dirpath, base))
                 dirnames[:] = []  # components live below; do not descend further
     return sorted(found)
 
 
-def resolve_model_folder(name: str) -> str:
-    """Absolute path of a listed folder; refuses absolute names and names that climb out."""
+def resolve_model_folder(name: str, also: Callable[[str], bool] | None = None) -> str:
+    """Absolute path of a listed folder (``also``: as for list_model_folders); refuses absolute names
+    and names that climb out."""
     rel = os.path.normpath(name or "")
     if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
         raise ValueError(f"model folder name {name!r} must be relative to models/{BLIP_FOLDER}/")
     for base in folder_paths.get_folder_paths(BLIP_FOLDER):
         full = os.path.join(base, rel)  # symlinked model folders are welcome: no realpath check
-        if os.path.isfile(os.path.join(full, "model_index.json")):
+        if os.path.isfile(os.path.join(full, "model_index.json")) or (also is not None and rel != "." and also(full)):
             return full
     raise FileNotFoundError(
         f"BLIP-Diffusion model folder '{name}' not found under {folder_paths.get_folder_paths(BLIP_FOLDER)}; "

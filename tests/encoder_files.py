@@ -6,6 +6,9 @@ folder from released weights, and a single safetensors file with the config in i
 from __future__ import annotations
 
 import json
+import os
+
+import torch
 
 from blip_diffusion.blip_core.encoder_weights import LAVIS_FILES, rename
 
@@ -30,6 +33,13 @@ def lavis_files(lavis: dict) -> dict:
         module, _, rest = key.partition(".")
         files[LAVIS_FILES[module]][rest] = value
     return files
+
+
+def save_lavis_folder(lavis: dict, folder) -> None:
+    """A :func:`to_lavis_state_dict` result written as LAVIS's checkpoint folder (its two ``torch.save`` files)."""
+    for rel, sd in lavis_files(lavis).items():
+        os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
+        torch.save(sd, os.path.join(folder, rel))
 
 
 def save_single_file(encoder, path: str) -> None:

@@ -37,7 +37,7 @@ from blip_diffusion.blip_core import encoder_weights
 from blip_diffusion.blip_core.encoder_weights import read_tensors
 from blip_diffusion.blip_core.subject import Subject
 from blip_diffusion.blip_core.subject_io import load_subject, save_subject
-from encoder_files import lavis_files, save_single_file, to_lavis_state_dict
+from encoder_files import save_lavis_folder, save_single_file, to_lavis_state_dict
 from graphs import api_workflow, put_input_image, zero_shot
 from paths import ROOT, TEST_MODEL
 
@@ -132,10 +132,7 @@ def env(comfy_server, test_model_dir):
     _half_of(models / "bi_other_encoder.safetensors", made(models / "bi_truncated_encoder.safetensors"))
 
     # a LAVIS checkpoint folder (blip_model/ + proj_layer/) of the test encoder, for Load Subject Encoder
-    lavis = lavis_files(to_lavis_state_dict(read_tensors(str(qformer_bin))))
-    for rel, sd in lavis.items():
-        (made(models / "bi-lavis-run") / rel).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(sd, models / "bi-lavis-run" / rel)
+    save_lavis_folder(to_lavis_state_dict(read_tensors(str(qformer_bin))), made(models / "bi-lavis-run"))
 
     # subject files: two good ones for the interpolation cases, bad ones for LoadSubject
     gen = torch.Generator().manual_seed(0)
@@ -321,16 +318,25 @@ def edit_with_photo_mask(env: Env) -> dict:
     return g
 
 
-def write_subject(env: Env, name: str, seed: int) -> Subject:
-    subject = Subject(torch.randn(1, 16, 768, generator=torch.Generator().manual_seed(seed)), "teapot", {})
-    save_subject(subject, str(env.base / "models" / "blip_subjects"), name, overwrite=True)
+REWRITTEN = f"{PREFIX}rewritten"
+
+
+def seeded_subject(seed: int) -> Subject:
+    return Subject(torch.randn(1, 16, 768, generator=torch.Generator().manual_seed(seed)), "teapot", {})
+
+
+def write_subject(env: Env, seed: int) -> Subject:
+    """``seeded_subject(seed)`` saved as REWRITTEN (replacing the file, as Save Subject's overwrite does)."""
+    subject = seeded_subject(seed)
+    save_subject(subject, str(env.base / "models" / "blip_subjects"), REWRITTEN, overwrite=True)
     return subject
 
 
 def check_subject_file_read_again(r: "Ran"):
-    # the graph copied the first file; the same graph after the file was saved again copies the new one
-    assert torch.equal(saved_subject(r.env, r.graph).embedding, write_subject.first.embedding)
-    second = write_subject(r.env, f"{PREFIX}rewritten", seed=22)
+    # the graph copied the first file (seed 21, the case's setup); the same graph after the file was
+    # saved again copies the new one
+    assert torch.equal(saved_subject(r.env, r.graph).embedding, seeded_subject(21).embedding)
+    second = write_subject(r.env, seed=22)
     r.api.run(r.graph)
     assert torch.equal(saved_subject(r.env, r.graph).embedding, second.embedding)
 
@@ -654,9 +660,8 @@ CASES = [
          ("subject name '../escape' is not allowed", "no folders")),
     Case("save-exists", "SaveSubject", lambda e: save_subject_graph(e, "bi_exists"), "failed",
          ("bi_exists.safetensors already exists", "choose another name or enable overwrite")),
-    Case("load-file-saved-again", "LoadSubject", lambda e: load_subject_graph(e, f"{PREFIX}rewritten.safetensors"),
-         "ok", check=check_subject_file_read_again,
-         setup=lambda api, e: setattr(write_subject, "first", write_subject(e, f"{PREFIX}rewritten", seed=21))),
+    Case("load-file-saved-again", "LoadSubject", lambda e: load_subject_graph(e, f"{REWRITTEN}.safetensors"),
+         "ok", check=check_subject_file_read_again, setup=lambda api, e: write_subject(e, seed=21)),
     Case("load-empty-name", "LoadSubject", lambda e: load_subject_graph(e, ""), "failed",
          ("subject file '' not found in models/blip_subjects/", "save one with Save Subject first")),
     Case("load-corrupt-file", "LoadSubject", lambda e: load_subject_graph(e, "bi_corrupt_subject.safetensors"),

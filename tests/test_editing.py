@@ -97,17 +97,23 @@ def test_map_size_is_what_the_unets_downsampling_makes(hw):
     assert editing.blend_layer(out.shape[-2] * out.shape[-1], hw, in_middle=False)
 
 
-def test_blend_mask_at_a_side_that_is_not_a_multiple_of_4():
-    # Latent 10x9 -> maps 3x3; the hot cell (2, 0) pools to rows 1-2, col 0-1, then nearest upsampling
-    # maps latent row r to map row floor(r * 3 / 10) and column c to floor(c * 3 / 9).
-    probs = torch.full((1, 9, 77), 0.01)
-    probs[0, 2 * 3 + 0, 5] = 1.0
+def one_hot_spot_mask(map_hw: tuple[int, int], cell: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """The blend mask (h, w) of one layer and one head whose attention on word 5 peaks at ``cell`` of the map
+    grid, threshold 0.3."""
+    probs = torch.full((1, map_hw[0] * map_hw[1], 77), 0.01)
+    probs[0, cell[0] * map_hw[1] + cell[1], 5] = 1.0
     state = editing.BlendState()
     state.add(probs)
     plan = editing.EditPlan(torch.arange(77), torch.ones(77), [5], calls=1, threshold=0.3)
-    mask = editing.blend_mask(state, plan, (10, 9))
+    return editing.blend_mask(state, plan, latent_hw)[0, 0]
+
+
+def test_blend_mask_at_a_side_that_is_not_a_multiple_of_4():
+    # Latent 10x9 -> maps 3x3; the hot cell (2, 0) pools to rows 1-2, col 0-1, then nearest upsampling
+    # maps latent row r to map row floor(r * 3 / 10) and column c to floor(c * 3 / 9).
+    mask = one_hot_spot_mask((3, 3), (2, 0), (10, 9))
     expected = torch.tensor([[float(r * 3 // 10 >= 1 and c * 3 // 9 <= 1) for c in range(9)] for r in range(10)])
-    assert torch.equal(mask[0, 0], expected)
+    assert torch.equal(mask, expected)
 
 
 def test_refine_cross_takes_source_columns_where_aligned():
@@ -126,16 +132,11 @@ def test_refine_cross_takes_source_columns_where_aligned():
 
 def test_blend_mask_is_the_pooled_hot_spot_upsampled():
     # One layer, one head, a 4x4 map grid (latent 16x16): the word's attention peaks at cell (1, 2).
-    probs = torch.full((1, 16, 77), 0.01)
-    probs[0, 1 * 4 + 2, 5] = 1.0
-    state = editing.BlendState()
-    state.add(probs)
-    plan = editing.EditPlan(torch.arange(77), torch.ones(77), [5], calls=1, threshold=0.3)
-    mask = editing.blend_mask(state, plan, (16, 16))
+    mask = one_hot_spot_mask((4, 4), (1, 2), (16, 16))
     # 3x3 max-pool spreads the peak to rows 0-2, cols 1-3; nearest upsampling x4 makes 12x12 pixels.
     expected = torch.zeros(16, 16)
     expected[0:12, 4:16] = 1
-    assert torch.equal(mask[0, 0], expected)
+    assert torch.equal(mask, expected)
 
 
 def test_blend_mask_sums_over_calls():

@@ -19,7 +19,7 @@ from blip_diffusion.blip_core.encoder_weights import (
     LAVIS_FILES, load_lavis, load_released, load_single_file, load_subject_encoder, read_tensors)
 from blip_diffusion.blip_core.preprocess import CLIP_MEAN, CLIP_STD, preprocess
 from blip_diffusion.blip_core.subject_encoder import SubjectEncoderConfig
-from encoder_files import lavis_files, save_single_file, to_lavis_state_dict
+from encoder_files import save_lavis_folder, save_single_file, to_lavis_state_dict
 from refenv import run_reference
 
 pytestmark = pytest.mark.reference
@@ -207,9 +207,7 @@ def lavis_dir(test_model_dir, tmp_path_factory):
                   "blip.vision_proj.weight": torch.zeros(256, 768), "blip.text_proj.weight": torch.zeros(256, 768),
                   "blip.itm_head.weight": torch.zeros(2, 768), "blip.temp": torch.tensor(0.07)})
     d = tmp_path_factory.mktemp("lavis")
-    for rel, sd in lavis_files(lavis).items():
-        os.makedirs(d / os.path.dirname(rel), exist_ok=True)
-        torch.save(sd, d / rel)
+    save_lavis_folder(lavis, d)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
