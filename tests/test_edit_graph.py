@@ -2,7 +2,8 @@
 diffusers' components (tests/reference/edit.py, following LAVIS step by step), and the edit's
 invariants.
 
-Generated weights, fp32 host, 512 px (where LAVIS's blend layers are defined) and 128 px, a few steps.
+Generated weights, fp32 host, 256 and 128 px, a few steps. (LAVIS picks its layers at 512 px by list
+position; that our rule picks the same ones there is tests/test_editing.py's.)
 Thresholds are set so that the blend mask is neither empty nor everything on these weights (with
 random weights the attention is nearly uniform, so LAVIS's 0.3 would let everything change and
 the mask would test nothing): each case asserts that.
@@ -27,14 +28,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.reference]
 SUBJECT = ROOT / "workflows" / "assets" / "sample_subject.png"
 SCENE = ROOT / "workflows" / "assets" / "sample_scene.png"
 SCALE = 0.18215
-# A photo at 512 px, where LAVIS's layers are defined; a photo at 128 px, where the layers are picked by
-# the same rule (the reference follows it too: 4x4 blend maps, self-replacement at 4x4 and the 2x2 middle);
+# A photo at 256 px and one at 128 px, the layers picked by resolution as LAVIS's list picks them at 512 px
+# (the reference follows the rule too: at 128 px 4x4 blend maps, self-replacement at 4x4 and the 2x2 middle);
 # a generated scene (PNDM, both branches guided). Every case's UNet calls go through the phases of the
 # plan (blip_core/editing.py EditPlan): self-attention replaced on the first call(s) and not after (at
-# 512 px with 2 steps self_replace is 0.5 -> call 0; LAVIS's 0.4 would give int(0.8) = no call), cross-
-# attention refined (512 px: both calls), then not (128 px photo: calls 0-1 of 3; generated: 0-2 of 4).
+# 256 px with 2 steps self_replace is 0.5 -> call 0; LAVIS's 0.4 would give int(0.8) = no call), cross-
+# attention refined (256 px: both calls), then not (128 px photo: calls 0-1 of 3; generated: 0-2 of 4).
 CASES = [
-    dict(mode="photo", size=512, src_subject="dog", prompt="standing on the grass", tgt_subject="teapot",
+    dict(mode="photo", size=256, src_subject="dog", prompt="standing on the grass", tgt_subject="teapot",
          neg_prompt="", inversion_steps=2, steps=2, guidance=7.5, cross_replace=0.8, self_replace=0.5,
          threshold=0.93, seed=42, blend_words=["dog"]),
     dict(mode="photo", size=128, src_subject="puppy", prompt="on a sunny hill under the sun", tgt_subject="kettle",
@@ -225,7 +226,7 @@ def test_each_stage_matches_the_reference_from_the_same_input(reference, test_mo
     from blip_diffusion.blip_core.subject import Subject
     from blip_diffusion.nodes import host_edit, host_models
 
-    case, i = CASES[1], 1   # 128 px: the same stages as at 512 px, at a sixteenth of the cost
+    case, i = CASES[1], 1   # 128 px: the same stages as at 256 px, at a quarter of the cost
     with torch.inference_mode():
         unet = host_models.load_unet(str(test_model_dir / "unet"))
         clip = host_models.load_clip(str(test_model_dir / "text_encoder"))
