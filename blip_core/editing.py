@@ -112,7 +112,8 @@ def refinement_mapper(src_ids: Sequence[int], tgt_ids: Sequence[int],
     return mapper, alphas
 
 
-def word_positions(text: str, word: str, token_strings: Sequence[str]) -> list[int]:
+def word_positions(text: str, word: str, token_strings: Sequence[str],
+                   count_tokens: Callable[[str], int] | None = None) -> list[int]:
     """Token positions (BOS = 0) of every occurrence of ``word`` among the space-separated
     words of ``text``: LAVIS ``get_word_inds``. ``token_strings`` are the decoded tokens of
     ``text`` without BOS/EOS, each as ``tokenizer.decode([id])`` gives it.
@@ -121,22 +122,37 @@ def word_positions(text: str, word: str, token_strings: Sequence[str]) -> list[i
     (the tokenizer lower-cases), a word written with punctuation on it ("grass." for "grass")
     counts with the tokens of the word alone, and a '#' is kept (LAVIS strips it from tokens as
     BERT's '##'; in CLIP's tokens it is a character, and stripping it misaligned what follows).
+    ``count_tokens(word)``, the tokenizer's count for one word, places the words by tokens instead
+    of by decoded characters (LAVIS's way): a character CLIP spells with several byte tokens
+    ('’', 'é', '犬') decodes to one '�' per token, and counting characters then drifts.
     """
     words = text.split(" ")
     word = word.lower()
     exact = {i for i, w in enumerate(words) if w.lower() == word}
     loose = {i for i, w in enumerate(words) if i not in exact and w.lower().strip(WORD_PUNCTUATION) == word}
-    out: list[int] = []
     if not exact and not loose:
-        return out
-    length, ptr = 0, 0
+        return []
+    spans = _word_spans(words, token_strings, count_tokens)
+    return [i + 1 for k, (begin, end) in enumerate(spans) if k in exact or k in loose
+            for i in range(begin, end) if k in exact or token_strings[i].strip(WORD_PUNCTUATION)]
+
+
+def _word_spans(words: list[str], token_strings: Sequence[str],
+                count_tokens: Callable[[str], int] | None) -> list[tuple[int, int]]:
+    """[begin, end) token indices of each word (CLIP's tokens never span a space)."""
+    if count_tokens is not None:
+        counts = [count_tokens(w) if w else 0 for w in words]
+        if sum(counts) == len(token_strings):
+            ends = np.cumsum(counts).tolist()
+            return [(e - c, e) for c, e in zip(counts, ends)]
+    spans, begin, length, k = [], 0, 0, 0   # by decoded characters, as LAVIS counts
     for i, piece in enumerate(token_strings):
         length += len(piece)
-        if ptr in exact or (ptr in loose and piece.strip(WORD_PUNCTUATION)):
-            out.append(i + 1)
-        if ptr < len(words) and length >= len(words[ptr]):
-            ptr, length = ptr + 1, 0
-    return out
+        if k < len(words) and length >= len(words[k]):
+            spans.append((begin, i + 1))
+            begin, length, k = i + 1, 0, k + 1
+    rest = len(words) - len(spans)   # tokens ran out: the last ones go to the word they began
+    return spans + [(begin, len(token_strings))] * min(rest, 1) + [(len(token_strings),) * 2] * max(rest - 1, 0)
 
 
 # -- the attention rules ------------------------------------------------------------------------

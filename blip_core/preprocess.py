@@ -62,8 +62,15 @@ def resize_center_crop(img: Image.Image, size: int, resample: int = Image.BICUBI
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    img = img.resize((new_w, new_h), resample)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    if new_w * new_h > 16 * size * size:
+        # A strip over 16:1: resizing all of it would build a huge image (3000x1 at 512: 1.5M x 512) only
+        # to keep its centre. Resize just the kept box of the source: the same sample centres (PIL's
+        # filter then sees the box's edges differently, a few levels on some pixels; photos stay exact).
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return img.resize((size, size), resample, box=box)
+    img = img.resize((new_w, new_h), resample)
     return img.crop((left, top, left + size, top + size))
 
 

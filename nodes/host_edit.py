@@ -24,17 +24,35 @@ log = logging.getLogger("blip_diffusion")
 
 # -- the model ------------------------------------------------------------------------------------
 def check_model(model) -> None:
-    """The edit's DDIM steps are written for SD1.5's epsilon-prediction schedule: say so clearly."""
+    """The edit's DDIM steps are written for SD1.5's epsilon-prediction schedule and its UNet: say so clearly."""
     sampling = model.get_model_object("model_sampling")
     table = getattr(sampling, "sigmas", None)
     ours = ((1 - alphas_cumprod().double()) / alphas_cumprod().double()).sqrt()
-    if (not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION)
-            or table is None or table.shape != ours.shape
+    eps = comfy.model_sampling.EPS
+    # exactly epsilon prediction: the host's x0 and v patches are subclasses of EPS
+    predicts_eps = isinstance(sampling, eps) and all(
+        getattr(type(sampling), f) is getattr(eps, f) for f in ("calculate_input", "calculate_denoised", "noise_scaling"))
+    if (not predicts_eps or table is None or table.shape != ours.shape
             or not torch.allclose(table.double().cpu(), ours, rtol=1e-4)):
         raise editing.EditError(
             "subject editing needs the BLIP-Diffusion UNet (an SD 1.5 noise-prediction model with its 1000-step "
             f"schedule); the connected model samples as {type(sampling).__name__}: connect the MODEL from Load "
-            "BLIP-Diffusion, without sampling patches such as ModelSamplingSD3 or ModelSamplingFlux")
+            "BLIP-Diffusion, without sampling patches (ModelSamplingDiscrete other than eps, ModelSamplingSD3, "
+            "ModelSamplingFlux)")
+    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    if unet_config.get("context_dim", 768) != 768 or unet_config.get("adm_in_channels") is not None:
+        raise editing.EditError(
+            f"subject editing needs the BLIP-Diffusion UNet (SD 1.5: 768-wide text, no extra conditioning); the "
+            f"connected one is a {type(model.model).__name__} reading {unet_config.get('context_dim')}-wide text: "
+            "connect the MODEL from Load BLIP-Diffusion")
+
+
+def check_latent(samples: torch.Tensor, node: str) -> None:
+    if samples.ndim != 4 or samples.shape[1] != 4:
+        raise editing.EditError(
+            f"{node} needs an SD 1.x latent (4 channels, shape (1, 4, height/8, width/8)), got shape "
+            f"{tuple(samples.shape)}: encode the photo with the BLIP-Diffusion VAE (VAE Encode after Subject Edit "
+            "Photo), or use Empty Latent Image")
 
 
 def block_names(model) -> list[tuple[str, int]]:
@@ -211,6 +229,7 @@ def sigmas_at(model, timesteps) -> torch.Tensor:
 def run_inversion(model, positive, latent: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
     """The host LATENT (1, 4, h, w) of a photo -> the inverted latent, host scale."""
     check_model(model)
+    check_latent(latent, "Subject Edit Invert")
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, positive)
     guider.set_cfg(1.0)
@@ -230,6 +249,7 @@ def run_edit(model, prompts, plan: editing.EditPlan, start: torch.Tensor, from_p
     seed's noise (the host's noise for that seed, shared by both branches, as LAVIS does).
     """
     check_model(model)
+    check_latent(start, "Subject Edit")
     attention = EditAttention(plan)
     guider = EditGuider(attention.patch(model), guide_source=not from_photo)
     guider.set_conds(prompts.positive, prompts.negative)
@@ -302,7 +322,7 @@ def build_prompts(clip, subject, source_subject: str, prompt: str, target_catego
         neg_ids = neg_ids[:CONTEXT_LENGTH - 2]
     words = [w for w in (blend_words or src_subject).replace(",", " ").split()]
     pieces = [hf.decode([i]) for i in src_ids]
-    found = {w: editing.word_positions(src_text, w, pieces) for w in words}
+    found = {w: editing.word_positions(src_text, w, pieces, lambda word: len(ids(word))) for w in words}
     missing = [w for w in words if not found[w]]
     if missing:
         raise editing.EditError(f"blend word(s) {missing} are not words of the source prompt '{src_text}': the "

@@ -6,6 +6,7 @@ two prompts from Subject Edit Prompts. The rules live in blip_core.editing, the 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ class SubjectEditPrompts(io.ComfyNode):
             description=(
                 "The two prompts of a BLIP-Diffusion edit. Source: 'a {source_subject} {prompt}', what the photo "
                 "shows (no subject). Target: 'a {16 placeholders} {target_category} {prompt}' with your subject's "
-                "16 vectors spliced in after 'a'. The words the two share keep the photo's attention; the blend "
-                "words say which part of the photo may change."),
+                "16 vectors spliced in after 'a'. The subject's prompt borrows the photo's attention (cross_replace, "
+                "self_replace); the blend words say which part of the photo may change."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The BLIP-Diffusion text encoder (an SD 1.x CLIP-L)."),
                 SubjectType.Input("subject", tooltip="The subject to put into the photo (Subject Encode or Load "
@@ -168,10 +169,13 @@ class SubjectEdit(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="Sampling steps (published: 50; use the inversion's count for a photo)."),
                 io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Guidance of the subject branch (published: 7.5)."),
+                               tooltip="Guidance of the subject branch, and of the scene branch when generating "
+                                       "(published: 7.5)."),
                 io.Float.Input("cross_replace", default=0.8, min=0.0, max=1.0, step=0.05,
-                               tooltip="Fraction of the steps in which the subject branch copies the scene's "
-                                       "cross-attention for the words both prompts share (published: 0.8)."),
+                               tooltip="Fraction of the steps in which the subject branch takes the scene's "
+                                       "cross-attention (published: 0.8): as published, each of its token "
+                                       "positions takes the scene's attention at the position the alignment of "
+                                       "the two prompts maps it to."),
                 io.Float.Input("self_replace", default=0.4, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of the steps in which the subject branch copies the scene's "
                                        "coarse self-attention, i.e. its layout (published: 0.4)."),
@@ -207,6 +211,11 @@ class SubjectEdit(io.ComfyNode):
         if from_photo and latent[INVERTED_KEY] != steps:
             log.warning("Subject Edit: the photo was inverted in %d steps and is edited in %d; the published "
                         "edit uses the same count", latent[INVERTED_KEY], steps)
+        numbers = dict(cfg=cfg, cross_replace=cross_replace, self_replace=self_replace,
+                       blend_threshold=blend_threshold)
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                _fail(f"{name} must be a finite number, got {value}")
         plan = edit_prompts.plan(steps, cross_replace, self_replace, blend_threshold)
         try:
             allowed = None if region is None else regions.as_map(region, "region")

@@ -70,6 +70,28 @@ def test_word_positions_see_words_through_spacing_case_punctuation_and_hashes():
     assert editing.word_positions(src, "gras", pieces) == []
 
 
+@pytest.mark.parametrize("prompt, word", [
+    ("sitting on the owner\u2019s lap", "lap"), ("in the \u8349 grass", "grass"), ("a \u72ac on grass", "\u72ac"),
+    ("on a caf\u00e9 terrace", "terrace"), ("near the fa\u00e7ade, on gr\u00fcn grass.", "grass"),
+    ("\u043d\u0430 \u0442\u0440\u0430\u0432\u0435 near a tree", "tree"), ("on the stra\u00dfe", "stra\u00dfe")])
+def test_word_positions_hold_where_clip_spells_a_character_with_several_tokens(prompt, word):
+    # The real CLIP tokenizer (the generated model ships the released one's files). What is selected
+    # must decode to the word itself: an independent check of the positions.
+    from transformers import CLIPTokenizer
+
+    from paths import model_dir
+
+    hf = CLIPTokenizer.from_pretrained(str(model_dir() / "tokenizer"))
+    ids = lambda text: hf(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    src, _ = editing.edit_texts("dog", "dog", prompt)
+    src_ids = ids(src)
+    pieces = [hf.decode([i]) for i in src_ids]
+    found = editing.word_positions(src, word, pieces, lambda w: len(ids(w)))
+    assert found, f"{word!r} not found in {src!r}"
+    assert hf.decode([src_ids[p - 1] for p in found]).strip(" .,") == word.lower()
+    assert found == sorted(found) and found[-1] - found[0] == len(found) - 1   # one occurrence: one run
+
+
 def test_plan_counts_calls_as_lavis_tables_do():
     plan = editing.EditPlan(torch.arange(77), torch.ones(77), [2], calls=50)
     assert sum(plan.cross_active(c) for c in range(50)) == int(0.8 * 51)   # 40
@@ -222,3 +244,22 @@ def test_plms_edit_loop_matches_plain_plms_when_nothing_blends():
     plain = pndm.sample_plms(lambda xx, t: eps(xx, t), x, pndm.pndm_timesteps(6), ac)
     assert torch.allclose(ours, plain, atol=1e-6)
     assert calls == list(range(7))   # steps + 1 calls, as diffusers' PNDM makes them
+
+
+def test_a_long_strip_is_cut_to_its_centre_without_resizing_all_of_it():
+    # Subject Edit Photo's resize + centre crop (torchvision's Resize(size) + CenterCrop(size)). A 64:1 strip
+    # at 2048 px would be resized to 131072x2048 first; only its centre is kept, so only that is resized:
+    # the result is the full resize's centre (here exactly), and a 3000x1 line no longer runs out of memory.
+    import numpy as np
+    from PIL import Image
+
+    from blip_diffusion.blip_core.preprocess import resize_center_crop
+
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 1024, 3), dtype=np.uint8))
+    size = 32
+    full = strip.resize((2048, size), Image.BILINEAR)   # short side -> 32, long side 1024 * 32 / 16
+    expected = np.asarray(full.crop((1008, 0, 1040, size))).astype(int)   # centre: round((2048 - 32) / 2)
+    got = np.asarray(resize_center_crop(strip, size, Image.BILINEAR)).astype(int)
+    assert got.shape == (size, size, 3) and np.abs(got - expected).max() <= 1
+    line = resize_center_crop(Image.new("RGB", (3000, 1), (10, 20, 30)), 512, Image.BILINEAR)
+    assert line.size == (512, 512) and np.asarray(line).reshape(-1, 3).tolist()[0] == [10, 20, 30]
