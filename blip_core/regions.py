@@ -50,6 +50,8 @@ def as_map(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
         mask = mask[0]
     if mask.ndim != 2 or min(mask.shape) < 1:
         raise RegionError(f"{name}: expected a (height, width) mask, got shape {tuple(mask.shape)}")
+    if mask.isnan().any():
+        raise RegionError(f"{name}: the mask holds NaN (not-a-number) values; fix the node that made it")
     return mask.float().cpu().clamp(0, 1)   # masks from other nodes may sit on the GPU
 
 

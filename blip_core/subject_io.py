@@ -74,5 +74,18 @@ def load_subject(path: str) -> Subject:
     if metadata[FORMAT_KEY] != FORMAT_VERSION:
         raise ValueError(f"{os.path.basename(path)} has subject format {metadata[FORMAT_KEY]}, this pack reads "
                          f"{FORMAT_VERSION}")
-    meta = json.loads(metadata.get("meta") or "{}")
-    return Subject(embedding.to(torch.float32), metadata.get("category", ""), meta)
+    name = os.path.basename(path)
+    try:
+        meta = json.loads(metadata.get("meta") or "{}")
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name}: its metadata is damaged (the 'meta' entry is not a JSON object)")
+    category = metadata.get("category", "")
+    if not category.strip():
+        raise ValueError(f"{name} names no category (its 'category' metadata is missing or empty)")
+    if embedding.ndim != 3 or embedding.shape[0] != 1 or 0 in embedding.shape:
+        raise ValueError(f"{name}: its embedding has shape {tuple(embedding.shape)}, not (1, tokens, width)")
+    if not torch.isfinite(embedding).all():
+        raise ValueError(f"{name}: its embedding holds NaN or infinite values")
+    return Subject(embedding.to(torch.float32), category, meta)

@@ -10,7 +10,7 @@ log = logging.getLogger("blip_diffusion")
 
 MODE_TIP = ("linear: a straight weighted average of the vectors. spherical: each of the 16 vectors turns along "
             "the arc between its two endpoints while its length changes linearly (vectors of equal length keep "
-            "it); nearly parallel vectors are blended linearly.")
+            "it); nearly parallel or opposite vectors are blended linearly (opposite ones meet at zero half way).")
 CUSTOM_TIP = "The category word used when category is 'custom', e.g. 'robot dog'."
 
 

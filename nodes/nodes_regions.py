@@ -26,10 +26,10 @@ class SubjectRegions(io.ComfyNode):
                 SubjectType.Input(f"subject_{k}", optional=optional,
                                   tooltip=f"Subject {k} (Subject Encode, Subject Interpolate or Load Subject)."
                                           + (" Optional." if optional else "")),
-                io.String.Input(f"box_{k}", default=default_boxes[k - 1],
+                io.String.Input(f"box_{k}", default=default_boxes[k - 1], optional=optional,
                                 tooltip=f"Where subject {k} goes: 'x, y, width, height' as fractions of the "
                                         "picture from its top left ('0, 0, 0.5, 1' is the left half). Unused when "
-                                        f"mask_{k} is connected."),
+                                        f"mask_{k} is connected." + (" Optional." if optional else "")),
                 io.Mask.Input(f"mask_{k}", optional=True,
                               tooltip=f"Where subject {k} goes (white), from any mask node: drawn in the mask "
                                       f"editor, a channel of an image, a segmentation. Replaces box_{k}."),
@@ -47,7 +47,9 @@ class SubjectRegions(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The BLIP-Diffusion text encoder (an SD 1.x CLIP-L)."),
                 io.String.Input("scene_prompt", multiline=True, default="",
                                 tooltip="What the picture shows, e.g. 'sitting on a sofa in a sunny room'. Each "
-                                        "subject's category is prepended for its own region."),
+                                        "subject's category is prepended for its own region, where the text is "
+                                        "read as written, as in Subject Conditioning; the host's (word:1.2) "
+                                        "weights and embedding: names apply in the scene's own region only."),
                 *subject_inputs,
             ],
             outputs=[io.Conditioning.Output(tooltip="Positive conditioning: every subject in its region, the "
