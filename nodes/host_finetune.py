@@ -304,6 +304,19 @@ def check_schedule(model) -> float:
     return float(model.get_model_object("latent_format").scale_factor)
 
 
+def check_parts_fit(model, text_width: int, vae) -> None:
+    """The UNet reads the CLIP's width and the VAE's latent channels, checked before any work is done."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    context, channels = config.get("context_dim"), config.get("in_channels")
+    if context is not None and context != text_width:
+        raise ft.FinetuneError(f"this MODEL's UNet reads {context}-wide text but the CLIP is {text_width} wide: "
+                               "connect the MODEL and CLIP of one BLIP-Diffusion model (Load BLIP-Diffusion)")
+    latent = getattr(vae, "latent_channels", None)
+    if channels is not None and latent is not None and latent != channels:
+        raise ft.FinetuneError(f"the VAE makes {latent}-channel latents but this MODEL's UNet takes {channels}: "
+                               "connect the VAE of the same BLIP-Diffusion model (Load BLIP-Diffusion)")
+
+
 # -- the node's work --------------------------------------------------------------------------------
 def finetune(model, clip, vae, subject_encoder, images, category: str, steps: int = ft.PUBLISHED_STEPS,
              learning_rate: float = ft.PUBLISHED_LR, batch_size: int = ft.PUBLISHED_BATCH, seed: int = 0,
@@ -323,6 +336,11 @@ def finetune(model, clip, vae, subject_encoder, images, category: str, steps: in
         width = host_clip.text_width(clip)
         layout = host_clip.caption_layout(clip, caption)
         scale = check_schedule(model)
+        check_parts_fit(model, width, vae)
+        if getattr(model, "patches", None):
+            log.warning("BLIP-Diffusion Fine-tune: the MODEL already carries weight patches on %d tensors (a LoRA or "
+                        "another fine-tune); this fine-tune learns the change on top of them, so load its file onto "
+                        "the same patched MODEL", len(model.patches))
 
         pixels = ft.target_pixels(photos, resolution)
         mean, std = host_vae_moments(vae, pixels, sample=latent_sampling)
@@ -365,6 +383,31 @@ def apply_finetune(model, unet_sd: dict, strength: float = 1.0):
     """The base MODEL with a fine-tune's UNet change applied through the host's LoRA loader."""
     new_model, _ = comfy.sd.load_lora_for_models(model, None, unet_sd, strength, 0)
     return new_model
+
+
+def finetune_misfits(model, unet_sd: dict) -> list[str]:
+    """What of a fine-tune file (host LoRA layout: ``.diff``, ``.diff_b``, ``.lora_up/.lora_down.weight``)
+    has no place of its shape in this MODEL's UNet (the host's loader would skip it with a log line)."""
+    own = {k: tuple(v.shape) for k, v in model.model_state_dict().items() if k.startswith("diffusion_model.")}
+    out = []
+    for key, value in unet_sd.items():
+        for suffix, param in ((".diff", ".weight"), (".diff_b", ".bias"), (".lora_up.weight", ".weight"),
+                              (".lora_down.weight", ".weight")):
+            if key.endswith(suffix):
+                target = own.get(key[:-len(suffix)] + param)
+                break
+        else:
+            continue   # the host's loader reads only these here
+        shape = tuple(value.shape)
+        if suffix == ".lora_up.weight":
+            fits = target is not None and shape[0] == target[0]
+        elif suffix == ".lora_down.weight":
+            fits = target is not None and shape[1:2] == target[1:2] and shape[2:] == target[2:]
+        else:
+            fits = shape == target
+        if not fits:
+            out.append(f"{key} is {shape}" + (f", this MODEL's {target}" if target else " with no place in it"))
+    return out
 
 
 def apply_unet_weights(model, diffusers_sd: dict, subject_width: int | None = None):

@@ -7,6 +7,7 @@ each mode trains in ``host_finetune_modes.py``;
 LAVIS's checkpoint layout in ``blip_core/lavis_checkpoint.py``.
 """
 import logging
+import math
 import os
 
 import folder_paths
@@ -16,7 +17,7 @@ from ..blip_core import finetune as ft
 from ..blip_core import finetune_io, lavis_checkpoint
 from ..blip_core.subject import Subject
 from . import host_models, paths
-from .host_finetune import apply_finetune, apply_unet_weights, finetune
+from .host_finetune import apply_finetune, apply_unet_weights, finetune, finetune_misfits
 from .types import SubjectEncoderType, SubjectType
 
 log = logging.getLogger("blip_diffusion")
@@ -190,7 +191,21 @@ class LoadBlipFinetune(io.ComfyNode):
     @classmethod
     def execute(cls, model, finetune_name, strength) -> io.NodeOutput:
         path = paths.saved_file_path(paths.FINETUNE_FOLDER, finetune_name, "fine-tune")
+        if not math.isfinite(strength):
+            raise ValueError(f"strength must be a finite number, got {strength}")
         unet_sd, subject, _mode, _meta = finetune_io.load_finetune(path)
+        problems = []
+        misfits = finetune_misfits(model, unet_sd)
+        if misfits:
+            problems.append(f"{len(misfits)} of its tensors have no place of their shape in it "
+                            f"({'; '.join(misfits[:3])})")
+        config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+        width = config.get("context_dim")
+        if width is not None and subject.width != width:
+            problems.append(f"its subject is {subject.width} wide and this MODEL's UNet reads {width}-wide text")
+        if problems:
+            raise ValueError(f"{finetune_name} does not fit this MODEL: {' and '.join(problems)}. Connect the base "
+                             "model it was fine-tuned from (Load BLIP-Diffusion's MODEL)")
         return io.NodeOutput(apply_finetune(model, unet_sd, strength), subject)
 
 

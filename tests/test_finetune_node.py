@@ -219,3 +219,25 @@ def test_cancel_stops_training_leaves_no_file_and_the_next_prompt_succeeds(comfy
     assert not list(finetune_folder(comfy_server).glob(".finetune-*")), "temporary file left behind"
     after = saved_latent(comfy_server, api.run(base_render(image, reps=3), timeout=900), "save_latent")
     assert torch.equal(after, base_before), "the input MODEL changed after a cancelled fine-tune"
+
+
+def test_parts_of_other_models_are_refused_before_any_work():
+    # The UNet's config says what it reads; an SD2-width CLIP or a 16-channel (SD3/Flux) VAE is refused up
+    # front with the part to change, not deep in the UNet's first matmul after the VAE and encoder ran.
+    from types import SimpleNamespace
+
+    from conftest import comfy_on_path
+
+    comfy_on_path()
+    from blip_diffusion.blip_core.finetune import FinetuneError
+    from blip_diffusion.nodes.host_finetune import check_parts_fit
+
+    def model(**config):
+        return SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(unet_config=config)))
+
+    sd15 = model(context_dim=768, in_channels=4)
+    check_parts_fit(sd15, 768, SimpleNamespace(latent_channels=4))
+    with pytest.raises(FinetuneError, match="reads 1024-wide text but the CLIP is 768 wide"):
+        check_parts_fit(model(context_dim=1024, in_channels=4), 768, SimpleNamespace(latent_channels=4))
+    with pytest.raises(FinetuneError, match="the VAE makes 16-channel latents but this MODEL's UNet takes 4"):
+        check_parts_fit(sd15, 768, SimpleNamespace(latent_channels=16))
