@@ -16,6 +16,8 @@ import requests
 from ..api.client import ComfyClient, PromptRejected
 
 UPLOAD_SUBFOLDER = "blip_batch"
+PROBE_TIMEOUT = 10.0  # seconds one look at a server's queue may take (a hung server must not stall the run)
+POST_TIMEOUT = 20.0  # seconds a /prompt post may take (the host only validates the graph before answering)
 
 
 class HostUnreachable(Exception):
@@ -30,21 +32,23 @@ class BatchClient(ComfyClient):
         self._uploaded: dict[str, str] = {}
 
     # -- plumbing --------------------------------------------------------------------
-    def request(self, method: str, path: str, **kw) -> requests.Response:
-        """One HTTP call; connection failures are retried for ``retry_for`` seconds."""
-        deadline, delay = time.monotonic() + self.retry_for, 0.5
-        kw.setdefault("timeout", 60)
+    def request(self, method: str, path: str, probe: bool = False, **kw) -> requests.Response:
+        """One HTTP call; connection failures are retried for ``retry_for`` seconds. ``probe``: one try
+        with a short timeout (knocking on a server that is down must not hold up the others)."""
+        deadline, delay = time.monotonic() + (0 if probe else self.retry_for), 0.5
+        kw.setdefault("timeout", PROBE_TIMEOUT if probe else 60)
         while True:
             try:
                 return requests.request(method, self.url + path, **kw)
             except (requests.ConnectionError, requests.Timeout) as e:
                 if time.monotonic() >= deadline:
-                    raise HostUnreachable(f"{self.url} did not answer for {self.retry_for:.0f}s: {e}") from e
+                    raise HostUnreachable(f"{self.url} did not answer"
+                                          + ("" if probe else f" for {self.retry_for:.0f}s") + f": {e}") from e
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def get(self, path: str, **kw) -> requests.Response:
-        r = self.request("GET", path, **kw)
+    def get(self, path: str, probe: bool = False, **kw) -> requests.Response:
+        r = self.request("GET", path, probe=probe, **kw)
         r.raise_for_status()
         return r
 
@@ -85,21 +89,25 @@ class BatchClient(ComfyClient):
 
         Returns the id the host uses: ours, except on hosts too old to take a client's id.
         """
-        r = self.request("POST", "/prompt", json={"prompt": prompt, "prompt_id": prompt_id,
-                                                  "client_id": self.client_id, "extra_data": extra_data})
+        # One try with a bounded wait: a post that timed out may have been queued (a second one could queue
+        # it twice), and a server that holds the connection open must not stall the run for --retry-for.
+        r = self.request("POST", "/prompt", probe=True, timeout=POST_TIMEOUT,
+                         json={"prompt": prompt, "prompt_id": prompt_id, "client_id": self.client_id,
+                               "extra_data": extra_data})
         try:
             body = r.json()
         except ValueError:
             body = None
-        if not isinstance(body, dict):
-            raise PromptRejected({"error": f"HTTP {r.status_code}: {r.text[:500]}"})
-        if r.status_code != 200 or body.get("node_errors"):
+        if r.status_code >= 500 or not isinstance(body, dict):
+            # the server (or a proxy before it) is in trouble, not the prompt: its items wait or go elsewhere
+            raise requests.HTTPError(f"{self.url}/prompt answered HTTP {r.status_code}: {r.text[:300]}", response=r)
+        if r.status_code != 200:   # a 200 may list node_errors of outputs it left out: it queued the rest
             raise PromptRejected(body)
         return str(body.get("prompt_id") or prompt_id)
 
-    def queue_state(self) -> tuple[set[str], set[str]]:
-        """(running, pending) prompt ids."""
-        q = self.get("/queue").json()
+    def queue_state(self, probe: bool = False) -> tuple[set[str], set[str]]:
+        """(running, pending) prompt ids; ``probe``: one short try (see ``request``)."""
+        q = self.get("/queue", probe=probe).json()
         return ({e[1] for e in q.get("queue_running", [])}, {e[1] for e in q.get("queue_pending", [])})
 
     def delete_pending(self, prompt_ids) -> None:

@@ -19,6 +19,7 @@ render that image again. Such a prompt's items share its prompt id, and move bet
 """
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -38,6 +39,7 @@ from .template import Template
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 PROBE_EVERY = 2.0  # seconds between two knocks on a server that is down
 MAX_RESTARTS = 3  # a Ray actor's server started again more often than this in one run is not used again
+MAX_POST_ERRORS = 3  # a server that answers this many posts in a row with HTTP 5xx is not used again
 
 LaneTrouble = (HostUnreachable, requests.RequestException)
 
@@ -67,6 +69,7 @@ class Lane:
         self.restarts = 0  # how often its Ray actor started its server again in this run
         self.rendered = 0
         self.busy_since: float | None = None
+        self.post_errors = 0  # /prompt posts in a row the server answered with an error of its own (5xx)
 
     def point(self, url: str) -> None:
         self.url = url.rstrip("/")
@@ -232,9 +235,15 @@ class Runner:
     def _reconcile(self) -> None:
         """Sort the batch's items into skip / adopt from a server / queue, from the manifest."""
         recover: OrderedDict[str, list[str]] = OrderedDict()  # prompt id -> its items
+        changed = []
         for item_id in self.order:
             rec = self.manifest.get(item_id) or {}
             status = rec.get("status")
+            if "params" in rec and rec["params"] != json.loads(json.dumps(self.items[item_id].params())):
+                # an item with its own id edited in the batch file: what was recorded is another render
+                changed.append(item_id)
+                self.manifest.released(item_id)
+                continue
             if status == DONE:
                 if self._outputs_exist(rec):
                     continue
@@ -247,6 +256,9 @@ class Runner:
                 recover.setdefault(rec["prompt_id"], []).append(item_id)
                 continue
             self.manifest.pending(item_id)
+        if changed:
+            self.log(f"{len(changed)} item(s) changed since the manifest recorded them, rendered again: "
+                     + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
         counts = {"adopted": 0, "collected": 0, "elsewhere": 0}
         queues: dict[str, tuple[set, set]] = {}
         for pid, item_ids in recover.items():
@@ -336,9 +348,12 @@ class Runner:
                     self._moved(lane, url)
                     if lane.retired:
                         continue
+            knocked = time.monotonic()
             try:
-                lane.client.queue_state()
+                lane.client.queue_state(probe=True)
             except LaneTrouble:
+                # a server that holds the connection open costs a whole timeout per knock: knock less often
+                lane.next_probe = time.monotonic() + PROBE_EVERY + 2 * (time.monotonic() - knocked)
                 continue
             self._lane_up(lane)
         live = [lane for lane in self.lanes if not lane.retired]
@@ -451,9 +466,26 @@ class Runner:
         try:
             host_id = lane.client.post_prompt(prompt, prompt_id, {"blip_batch": tag})
         except PromptRejected as e:
+            lane.post_errors = 0
             lane.inflight.pop(prompt_id, None)
             self._fail(item_ids, f"rejected by the host: {rejection_message(e.payload)}", lane)
             return
+        except requests.HTTPError as e:   # the server's own error (5xx): not queued there, not the item's fault
+            lane.inflight.pop(prompt_id, None)
+            for item_id in item_ids:
+                self.manifest.released(item_id)
+            self.pool.add_all(item_ids, front=True)
+            self.manifest.save()
+            lane.post_errors += 1
+            if lane.post_errors >= MAX_POST_ERRORS:   # the last server retired ends the run (exit 3)
+                lane.retired = True
+                self.log(f"server {lane.label} is not used again: it answered {lane.post_errors} prompts in a row "
+                         f"with an error of its own ({str(e)[:160]})")
+                if lane.inflight:
+                    self._release(lane, "is not used")
+                return
+            raise
+        lane.post_errors = 0
         if host_id != prompt_id:  # an old host that picks its own ids: a crash right here could repeat it
             for item_id in item_ids:
                 self.manifest.posted_as(item_id, host_id)
@@ -515,6 +547,15 @@ class Runner:
                     name = f"{item_id}{suffix}" if len(images) == 1 else f"{item_id}_{k}{suffix}"
                     atomic_write(self.out_dir / name, lane.client.view(image))
                     names[item_id].append(name)
+        except requests.HTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status is None or status >= 500:
+                raise  # the server is in trouble: its prompts wait for it
+            # it answers, but no longer has the file (its output folder was cleaned): not the server's health
+            self._forget(lane, prompt_id)
+            self._fail(item_ids, f"the host no longer has the output (HTTP {status} for {image['filename']}); the "
+                       "next run renders it again", lane)
+            return False
         except LaneTrouble:
             raise
         except Exception as e:  # noqa: BLE001
@@ -586,7 +627,7 @@ class Runner:
             self._poll(lane)
 
     def _poll(self, lane: Lane) -> None:
-        running, pending = lane.client.queue_state()
+        running, pending = lane.client.queue_state(probe=True)   # one short try: --retry-for counts from here
         lost = []
         for prompt_id, item_ids in list(lane.inflight.items()):
             if prompt_id in running or prompt_id in pending:

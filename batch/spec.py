@@ -226,13 +226,15 @@ def load_batch(path: Path, defaults: dict) -> tuple[list[Item], list[str]]:
     for source, raw in _entries(path):
         for src, entry in _expand(source, raw):
             item, explicit = _item(src, entry, path.resolve().parent, defaults)
-            if item.id in seen:
-                first = seen[item.id]
+            key = item.id.casefold()   # the output file's name: one file on macOS and Windows for 'A' and 'a'
+            if key in seen:
+                first = seen[key]
                 if explicit or first.params() != item.params():
-                    raise BatchFileError(f"{src}: id {item.id!r} is already used by {first.source}")
+                    same = "" if first.id == item.id else f" (as {first.id!r}: output names differ only in case)"
+                    raise BatchFileError(f"{src}: id {item.id!r} is already used by {first.source}{same}")
                 warnings.append(f"{src}: same render as {first.source}; queued once")
                 continue
-            seen[item.id] = item
+            seen[key] = item
             items.append(item)
     if not items:
         raise BatchFileError(f"{path}: no items")
