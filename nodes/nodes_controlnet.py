@@ -21,7 +21,7 @@ class BlipControlNetLoader(io.ComfyNode):
                 "strength 1.0 over the whole schedule to both positive and negative conditioning, with a canny "
                 "edge image at the output size."),
             inputs=[
-                io.Combo.Input("model_name", options=paths.list_model_folders(),
+                io.Combo.Input("model_name", options=paths.list_model_folders(having="controlnet"),
                                tooltip="A folder under models/blip_diffusion/ that holds model_index.json and a "
                                        "controlnet/ subfolder (for example the released 'blipdiffusion-controlnet' "
                                        "folder)."),

@@ -1,4 +1,5 @@
 """Model folders the pack registers with the host's ``folder_paths``."""
+import logging
 import os
 from typing import Callable
 
@@ -11,6 +12,8 @@ FINETUNE_FOLDER = "blip_finetunes"
 WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 LAVIS_CHECKPOINT_EXTENSIONS = (".pth", ".pt")  # LAVIS's runner writes checkpoint_N.pth
 
+log = logging.getLogger(__name__)
+
 
 def register_model_folders() -> None:
     """Add models/blip_diffusion, blip_subjects and blip_finetunes (idempotent; keeps extra_model_paths.yaml
@@ -21,7 +24,11 @@ def register_model_folders() -> None:
         folder_paths.add_model_folder_path(name, default, is_default=True)
         folders, known = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (folders, set(known) | exts)
-        os.makedirs(default, exist_ok=True)
+        try:
+            os.makedirs(default, exist_ok=True)
+        except OSError as e:  # a read-only models mount or a dangling link must not stop the nodes loading
+            log.warning("BLIP-Diffusion: could not create %s (%s); its nodes list nothing from there until it "
+                        "exists", default, e)
 
 
 def finetune_files(lavis: bool = False) -> list[str]:
@@ -30,16 +37,19 @@ def finetune_files(lavis: bool = False) -> list[str]:
     return [f for f in folder_paths.get_filename_list(FINETUNE_FOLDER) if f.lower().endswith(exts)]
 
 
-def list_model_folders(also: Callable[[str], bool] | None = None) -> list[str]:
+def list_model_folders(also: Callable[[str], bool] | None = None, having: str | None = None) -> list[str]:
     """Released-layout folders (those holding model_index.json), relative to a registered path; with
-    ``also``, the folders below a registered path for which ``also(path)`` holds too (one walk)."""
+    ``also``, the folders below a registered path for which ``also(path)`` holds too (one walk); with
+    ``having``, only the released folders that have this subfolder."""
     found = set()
     for base in folder_paths.get_folder_paths(BLIP_FOLDER):
         if not os.path.isdir(base):
             continue
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            if "model_index.json" in filenames or (also is not None and dirpath != base and also(dirpath)):
-                found.add(os.path.relpath(dirpath, base))
+            released = "model_index.json" in filenames
+            if released or (also is not None and dirpath != base and also(dirpath)):
+                if not (released and having and not os.path.isdir(os.path.join(dirpath, having))):
+                    found.add(os.path.relpath(dirpath, base))
                 dirnames[:] = []  # components live below; do not descend further
     return sorted(found)
 
@@ -54,9 +64,12 @@ def resolve_model_folder(name: str, also: Callable[[str], bool] | None = None) -
         full = os.path.join(base, rel)  # symlinked model folders are welcome: no realpath check
         if os.path.isfile(os.path.join(full, "model_index.json")) or (also is not None and rel != "." and also(full)):
             return full
+    there = list_model_folders(also)
     raise FileNotFoundError(
         f"BLIP-Diffusion model folder '{name}' not found under {folder_paths.get_folder_paths(BLIP_FOLDER)}; "
-        "put the released folder (with model_index.json) into models/blip_diffusion/")
+        + (f"the folders there are {', '.join(repr(f) for f in there)}: choose one in the node's list, or "
+           if there else "")
+        + "put the released folder (with model_index.json) into models/blip_diffusion/")
 
 
 def save_name_inputs(default: str) -> list:
@@ -75,11 +88,11 @@ def saved_file_path(folder: str, name: str, what: str, hint: str = "") -> str:
 
 
 def file_stamp(folder: str, name: str):
-    """What a loader's cache key needs of a saved file: its name, change time, size and inode (a file
-    saved again under the same name, e.g. with overwrite, which replaces it, is read again). A missing
-    file: its name alone, and the node's own run then names the problem."""
+    """What a loader's cache key needs of a saved file: its name, modification and change times, size and
+    inode (a file saved again under the same name is read again, even one copied over it in place with its
+    old modification time kept). A missing file: its name alone, and the node's own run then names it."""
     path = folder_paths.get_full_path(folder, name) if isinstance(name, str) else None
     if path is None:
         return name
     st = os.stat(path)
-    return name, st.st_mtime_ns, st.st_size, st.st_ino
+    return name, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
