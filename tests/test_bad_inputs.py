@@ -33,10 +33,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from blip_diffusion.api.client import ExecutionFailed, PromptRejected
-from blip_diffusion.blip_core import encoder_weights
+from blip_diffusion.blip_core import encoder_weights, finetune_io
 from blip_diffusion.blip_core.encoder_weights import read_tensors
 from blip_diffusion.blip_core.subject import Subject
-from blip_diffusion.blip_core.subject_io import load_subject, save_subject
+from blip_diffusion.blip_core.subject_io import FORMAT_KEY, FORMAT_VERSION, load_subject, save_subject
 from encoder_files import save_lavis_folder, save_single_file, to_lavis_state_dict
 from graphs import api_workflow, put_input_image, zero_shot
 from paths import ROOT, TEST_MODEL
@@ -143,6 +143,12 @@ def env(comfy_server, test_model_dir):
     made(subjects / "bi_corrupt_subject.safetensors").write_bytes(_random_bytes(50000, 5))
     _half_of(subjects / "bi_subject_a.safetensors", made(subjects / "bi_truncated_subject.safetensors"))
     save_file({"weight": torch.zeros(4, 4)}, str(made(subjects / "bi_not_a_subject.safetensors")))
+    # subject files whole on disk but damaged inside: metadata not an object, no category, NaN values
+    for name, meta, values in (("bi_meta_list", {"category": "teapot", "meta": "[1, 2]"}, 0.0),
+                               ("bi_no_category", {"meta": "{}"}, 0.0),
+                               ("bi_nan", {"category": "teapot", "meta": "{}"}, float("nan"))):
+        save_file({"embedding": torch.full((1, 16, 768), values)}, str(made(subjects / f"{name}_subject.safetensors")),
+                  metadata={FORMAT_KEY: FORMAT_VERSION, **meta})
 
     # LAVIS checkpoints for Load LAVIS Fine-tune: a VAE's weights, a pickle with a Python object, wrong shapes
     finetunes = base / "models" / "blip_finetunes"
@@ -156,6 +162,17 @@ def env(comfy_server, test_model_dir):
     torch.save({"ctx_embeddings_cache": torch.zeros(1, 16, 1024)}, made(finetunes / "bi_lavis_subject_shape.pth"))
     torch.save({"model": {"unet.conv_in.bias": torch.zeros(320)}}, made(finetunes / "bi_lavis_no_subject.pth"))
     torch.save({"ctx_embeddings_cache": subject}, made(finetunes / "bi_lavis_subject_only.pth"))
+    # the pack's own fine-tune files: one made for another base, one with NaN, one with damaged metadata, a good one
+    teapot = Subject(subject.clone(), "teapot", {})
+    for name, unet_sd, subj in (("bi_ft_other_base", {"diffusion_model.input_blocks.0.0.diff": torch.zeros(320, 9, 3, 3)},
+                                 teapot),
+                                ("bi_ft_nan", {"diffusion_model.input_blocks.0.0.diff_b": torch.zeros(320)},
+                                 Subject(torch.full((1, 16, 768), float("nan")), "teapot", {})),
+                                ("bi_ft_good", {"diffusion_model.input_blocks.0.0.diff_b": torch.zeros(320)}, teapot)):
+        made(Path(finetune_io.save_finetune(str(finetunes), name, unet_sd, subj, "full", overwrite=True)))
+    save_file({finetune_io.SUBJECT_KEY: subject}, str(made(finetunes / "bi_ft_meta.safetensors")),
+              metadata={finetune_io.FORMAT_KEY: finetune_io.FORMAT_VERSION, "mode": "full", "category": "teapot",
+                        "subject_meta": "{not json", "meta": "{}"})
 
     # images
     e = Env(base)
@@ -279,6 +296,20 @@ def edit_with_flow_model(env: Env) -> dict:
     g = edit_graph(env, extra={"flow": {"class_type": "ModelSamplingSD3",
                                         "inputs": {"model": ["loader", 0], "shift": 3.0}}})
     g["invert"]["inputs"]["model"] = ["flow", 0]
+    return g
+
+
+def edit_with_x0_model(env: Env) -> dict:
+    g = edit_graph(env, extra={"x0": {"class_type": "ModelSamplingDiscrete",
+                                      "inputs": {"model": ["loader", 0], "sampling": "x0", "zsnr": False}}})
+    g["invert"]["inputs"]["model"] = ["x0", 0]
+    return g
+
+
+def edit_with_sd3_latent(env: Env) -> dict:
+    g = edit_graph(env, extra={"sd3_latent": {"class_type": "EmptySD3LatentImage",
+                                              "inputs": {"width": 64, "height": 64, "batch_size": 1}}})
+    g["invert"]["inputs"]["latent"] = ["sd3_latent", 0]
     return g
 
 
@@ -548,7 +579,8 @@ RESAVE = ("choose another file, or encode the subject again and save it",)
 CASES = [
     # ---- Load BLIP-Diffusion
     Case("loader-empty-name", "BlipDiffusionLoader", lambda e: model_loader_graph(e, ""), "failed",
-         ("BLIP-Diffusion model folder '' not found", "put the released folder (with model_index.json) into "
+         ("BLIP-Diffusion model folder '' not found", "the folders there are", f"'{TEST_MODEL}'",
+          "choose one in the node's list, or put the released folder (with model_index.json) into "
           "models/blip_diffusion/")),
     Case("loader-missing-qformer", "BlipDiffusionLoader", lambda e: model_loader_graph(e, "bi-no-qformer"), "failed",
          ("'bi-no-qformer' has no qformer/ subfolder", "copy the complete released folder")),
@@ -671,6 +703,12 @@ CASES = [
          ("bi_truncated_subject.safetensors is not a readable subject file", *RESAVE)),
     Case("load-not-a-subject", "LoadSubject", lambda e: load_subject_graph(e, "bi_not_a_subject.safetensors"),
          "failed", ("is not a BLIP-Diffusion subject file (made by SaveSubject)", *RESAVE)),
+    Case("load-meta-not-object", "LoadSubject", lambda e: load_subject_graph(e, "bi_meta_list_subject.safetensors"),
+         "failed", ("bi_meta_list_subject.safetensors: its metadata is damaged", *RESAVE)),
+    Case("load-no-category", "LoadSubject", lambda e: load_subject_graph(e, "bi_no_category_subject.safetensors"),
+         "failed", ("bi_no_category_subject.safetensors names no category", *RESAVE)),
+    Case("load-nan-values", "LoadSubject", lambda e: load_subject_graph(e, "bi_nan_subject.safetensors"),
+         "failed", ("bi_nan_subject.safetensors: its embedding holds NaN or infinite values", *RESAVE)),
     Case("load-other-encoder", "LoadSubject", other_encoder_subject_graph, "ok",
          log=("LoadSubject: bi_main_subject.safetensors was made by a different subject encoder",
               "it may not match this model"), check=check_render, setup=make_main_subject),
@@ -706,6 +744,17 @@ CASES = [
          ("file name '../escape' is not allowed",)),
     Case("ft-load-empty-name", "LoadBlipFinetune", lambda e: load_finetune_graph(e, ""), "failed",
          ("fine-tune file '' not found in models/blip_finetunes/",)),
+    Case("ft-load-other-base", "LoadBlipFinetune", lambda e: load_finetune_graph(e, "bi_ft_other_base.safetensors"),
+         "failed", ("bi_ft_other_base.safetensors does not fit this MODEL: 1 of its tensors have no place of their shape",
+                    "diffusion_model.input_blocks.0.0.diff is (320, 9, 3, 3), this MODEL's (320, 4, 3, 3)",
+                    "Connect the base model it was fine-tuned from")),
+    Case("ft-load-nan-values", "LoadBlipFinetune", lambda e: load_finetune_graph(e, "bi_ft_nan.safetensors"),
+         "failed", ("bi_ft_nan.safetensors holds NaN or infinite values (blip_subject.embedding)",)),
+    Case("ft-load-damaged-metadata", "LoadBlipFinetune", lambda e: load_finetune_graph(e, "bi_ft_meta.safetensors"),
+         "failed", ("bi_ft_meta.safetensors: its metadata is damaged (the 'subject_meta' entry is not a JSON object)",)),
+    Case("ft-load-strength-nan", "LoadBlipFinetune",
+         lambda e: with_(load_finetune_graph(e, "bi_ft_good.safetensors"), "load_ft", strength=float("nan")), "failed",
+         ("strength must be a finite number, got nan",), nan=True),
     # ---- Load LAVIS Fine-tune
     Case("lavis-empty-name", "LoadLavisFinetune", lambda e: lavis_graph(e, ""), "failed",
          ("LAVIS checkpoint file '' not found in models/blip_finetunes/", "copy the checkpoint_N.pth")),
@@ -737,6 +786,14 @@ CASES = [
          ("needs an SD 1.x CLIP", "CLIPLoader with type 'stable_diffusion'")),
     Case("edit-flow-model", "SubjectEditInvert", edit_with_flow_model, "failed",
          ("subject editing needs the BLIP-Diffusion UNet", "ModelSamplingSD3")),
+    Case("edit-x0-model", "SubjectEditInvert", edit_with_x0_model, "failed",
+         ("subject editing needs the BLIP-Diffusion UNet", "samples as ModelSamplingAdvanced",
+          "ModelSamplingDiscrete other than eps")),
+    Case("edit-sd3-latent", "SubjectEditInvert", edit_with_sd3_latent, "failed",
+         ("Subject Edit Invert needs an SD 1.x latent (4 channels", "got shape (1, 16, 8, 8)",
+          "encode the photo with the BLIP-Diffusion VAE")),
+    Case("edit-cross-replace-nan", "SubjectEdit", lambda e: edit_graph(e, edit={"cross_replace": float("nan")}),
+         "failed", ("cross_replace must be a finite number, got nan",), nan=True),
     Case("edit-two-photos", "SubjectEditInvert", edit_with_two_photos, "failed",
          ("takes one photo, got a batch of 2", "edit photos one at a time")),
     # (128 px: a graph no other case runs, so the host cannot serve the photo node from its cache)
