@@ -84,6 +84,9 @@ class BatchClient(ComfyClient):
         self._uploaded[sha256] = ref
         return ref
 
+    def forget_uploads(self) -> None:
+        self._uploaded.clear()
+
     def post_prompt(self, prompt: dict, prompt_id: str, extra_data: dict) -> str:
         """Queue ``prompt`` under ``prompt_id``; PromptRejected with the host's node_errors.
 

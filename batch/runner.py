@@ -637,6 +637,8 @@ class Runner:
                 self._finalize(lane, prompt_id, entry)
             else:
                 lost.append((prompt_id, item_ids))
+        if lost:   # a restarted host may have lost its input folder too (a container): upload photos again
+            lane.client.forget_uploads()
         for prompt_id, item_ids in reversed(lost):  # the host forgot them (restarted): post again, first
             self._forget(lane, prompt_id)
             for item_id in item_ids:

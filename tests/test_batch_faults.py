@@ -27,8 +27,8 @@ class FakeHost:
 
     def __init__(self, seconds=0.05, hang_after=None, prompt_status=200, lost_outputs=False):
         self.lock = threading.Lock()
-        self.queue, self.running, self.history, self.ran = [], {}, {}, []
-        self.posts, self.hanging, self.stopped = 0, False, False
+        self.queue, self.running, self.history, self.ran, self.uploads = [], {}, {}, [], set()
+        self.posts, self.hanging, self.stopped, self.generation = 0, False, False, 0
         host = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,6 +64,8 @@ class FakeHost:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.path == "/upload/image":
                     name = raw.split(b'filename="', 1)[1].split(b'"', 1)[0].decode()
+                    with host.lock:
+                        host.uploads.add(f"blip_batch/{name}")
                     return self.answer(200, {"name": name, "subfolder": "blip_batch", "type": "input"})
                 if self.path == "/queue":
                     return self.answer(200, {})
@@ -75,6 +77,12 @@ class FakeHost:
                             host.hanging = True
                     if prompt_status != 200:
                         return self.answer(prompt_status, b"Internal Server Error", "text/plain")
+                    image = body["prompt"]["reference"]["inputs"]["image"]
+                    if image not in host.uploads:   # LoadImage's check of its list
+                        return self.answer(400, {"error": {"type": "prompt_outputs_failed_validation",
+                                                           "message": "Prompt outputs failed validation"},
+                                                 "node_errors": {"reference": {"class_type": "LoadImage", "errors": [
+                                                     {"message": "Value not in list", "details": image}]}}})
                     with host.lock:
                         host.queue.append((body["prompt_id"], body["prompt"]))
                     return self.answer(200, {"prompt_id": body["prompt_id"], "number": 0, "node_errors": {}})
@@ -95,11 +103,14 @@ class FakeHost:
             if job is None:
                 time.sleep(0.01)
                 continue
+            generation = self.generation
             time.sleep(seconds)
             pid, graph = job
             prefix = graph["save"]["inputs"]["filename_prefix"]
             stamp = int(time.time() * 1000)
             with self.lock:
+                if generation != self.generation:
+                    continue   # the server restarted under it
                 self.running.pop(pid, None)
                 self.ran.append(pid)
                 self.history[pid] = {
@@ -109,6 +120,15 @@ class FakeHost:
                     "status": {"status_str": "success", "completed": True,
                                "messages": [["execution_start", {"timestamp": stamp}],
                                             ["execution_success", {"timestamp": stamp + 50}]]}}
+
+    def restart(self):
+        """As a host in a container that restarts: its queue, history and input folder are gone."""
+        with self.lock:
+            self.generation += 1
+            self.queue.clear()
+            self.running.clear()
+            self.history.clear()
+            self.uploads.clear()
 
     def stop(self):
         self.stopped = True
@@ -204,6 +224,14 @@ def test_a_lone_server_answering_500_ends_the_run_with_nothing_failed(hosts, tmp
     code, manifest, lines, _ = run_batch([broken.url], tmp_path / "out", batch_file(tmp_path, seeds=4))
     assert code == 3 and FAILED not in statuses(manifest) and DONE not in statuses(manifest), lines
     assert any("is not used again: it answered 3 prompts in a row" in line for line in lines), lines
+
+
+def test_a_restarted_host_that_lost_its_inputs_gets_the_photo_again(hosts, tmp_path):
+    host = hosts(seconds=0.3)
+    threading.Timer(1.0, host.restart).start()   # mid-batch: prompts queued, photo uploaded
+    code, manifest, lines, _ = run_batch([host.url], tmp_path / "out", batch_file(tmp_path, seeds=8))
+    assert any("lost" in line for line in lines), "the restart came too late to test anything:\n" + "\n".join(lines)
+    assert code == 0 and statuses(manifest) == {DONE: 8}, lines
 
 
 def test_an_item_with_its_own_id_edited_is_rendered_again(hosts, tmp_path):
