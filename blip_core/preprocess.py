@@ -39,7 +39,10 @@ def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"empty image: batch {b}, height {h}, width {w}; the subject image must have pixels")
     if c not in (1, 2, 3, 4):
         raise ValueError(f"expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA) channels, got {c}")
-    x = images.detach().to("cpu", torch.float32).clamp(0.0, 1.0)
+    x = images.detach().to("cpu", torch.float32)
+    if x.isnan().any():   # clamp keeps NaN, and the cast to bytes would make it an arbitrary colour
+        raise ValueError("the image holds NaN (not-a-number) pixels: fix the node that made it")
+    x = x.clamp(0.0, 1.0)
     if c in (2, 4):
         alpha = x[..., -1:]
         x = x[..., :-1] * alpha + (1.0 - alpha)

@@ -61,7 +61,7 @@ def steps_problem(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) ->
 
 def fewer_steps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> int:
     """The most steps under ``steps`` whose leading spacing starts from pure noise (the refused counts
-    come in bands: 167-170, 201-213, 251-283, 334-425, 501-849 of 1000; under 10 none is refused)."""
+    come in bands: 167-170, 201-213, 251-284, 334-425, 501-850 of 1000; under 10 none is refused)."""
     return next((n for n in range(steps - 1, 9, -1)
                  if start_problem(leading_timesteps(n, num_train_timesteps)[0], n, num_train_timesteps) is None), 9)
 

@@ -110,6 +110,18 @@ def test_zero_size_image_batch_is_refused():
         SubjectEncode.execute(None, torch.zeros(0, 64, 64, 3), "dog")
 
 
+def test_an_image_with_nan_pixels_is_refused():
+    # clamp keeps NaN and the cast to bytes would give an arbitrary colour: the photo, the fine-tune's
+    # training images and the photo to edit all pass through this one conversion
+    from blip_diffusion.blip_core.preprocess import to_uint8_rgb
+
+    image = torch.full((1, 8, 8, 3), 0.5)
+    image[0, 2, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        to_uint8_rgb(image)
+    assert to_uint8_rgb(torch.full((1, 8, 8, 3), 0.5)).eq(128).all()
+
+
 def test_half_precision_encoder_keeps_the_fp32_fingerprint_and_returns_an_fp32_mean(test_model_dir):
     """On a GPU the encoder runs in bf16/fp16; subject files made there must still match the same
     weights loaded on a CPU machine, and the weighted mean must not be rounded to half precision."""
