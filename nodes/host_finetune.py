@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -401,8 +402,8 @@ def finetune_misfits(model, unet_sd: dict) -> list[str]:
         shape = tuple(value.shape)
         if suffix == ".lora_up.weight":
             fits = target is not None and shape[0] == target[0]
-        elif suffix == ".lora_down.weight":
-            fits = target is not None and shape[1:2] == target[1:2] and shape[2:] == target[2:]
+        elif suffix == ".lora_down.weight":   # the host's trainer flattens a conv's input: (rank, in * kh * kw)
+            fits = target is not None and math.prod(shape[1:]) == math.prod(target[1:])
         else:
             fits = shape == target
         if not fits:

@@ -347,6 +347,10 @@ def test_lora_loss_decreases_and_the_saved_lora_reloads_identically(host_unet, h
     path = finetune_io.save_finetune(str(tmp_path), "lora test", unet_sd, Subject(subject, CATEGORY), "lora",
                                      {"losses": losses})
     sd2, subject2, mode, meta = finetune_io.load_finetune(path)
+    assert nf.finetune_misfits(host_unet, sd2) == []   # Load BLIP-Diffusion Fine-tune's check takes it
+    own = host_unet.model_state_dict()
+    assert any(own[k.replace(".lora_down.weight", ".weight")].ndim == 4 for k in sd2 if k.endswith(".lora_down.weight")), \
+        "no convolution has a LoRA here: the check above saw none"
     reloaded = nf.apply_finetune(host_unet, sd2)
     x = noisy.float()
     base = eps_of(host_unet, x, t, cond.expand(BATCH, -1, -1))
