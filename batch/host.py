@@ -101,9 +101,11 @@ class BatchClient(ComfyClient):
             body = r.json()
         except ValueError:
             body = None
-        if r.status_code >= 500 or not isinstance(body, dict):
+        if r.status_code >= 500:
             # the server (or a proxy before it) is in trouble, not the prompt: its items wait or go elsewhere
             raise requests.HTTPError(f"{self.url}/prompt answered HTTP {r.status_code}: {r.text[:300]}", response=r)
+        if not isinstance(body, dict):
+            raise PromptRejected({"error": f"HTTP {r.status_code}: {r.text[:500]}"})
         if r.status_code != 200:   # a 200 may list node_errors of outputs it left out: it queued the rest
             raise PromptRejected(body)
         return str(body.get("prompt_id") or prompt_id)

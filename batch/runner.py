@@ -549,12 +549,15 @@ class Runner:
                     names[item_id].append(name)
         except requests.HTTPError as e:
             status = e.response.status_code if e.response is not None else None
-            if status is None or status >= 500:
-                raise  # the server is in trouble: its prompts wait for it
-            # it answers, but no longer has the file (its output folder was cleaned): not the server's health
+            if status is None:
+                raise
+            # it answers /queue but not this file (404: its output folder was cleaned; a 5xx that stays): the
+            # item's trouble, not the server's health, or the run would knock on it for ever
             self._forget(lane, prompt_id)
             self._fail(item_ids, f"the host no longer has the output (HTTP {status} for {image['filename']}); the "
-                       "next run renders it again", lane)
+                       "next run renders it again" if status == 404 else
+                       f"could not download {image['filename']} from the host (HTTP {status}); the next run tries "
+                       "again", lane)
             return False
         except LaneTrouble:
             raise

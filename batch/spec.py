@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,8 +168,11 @@ def _coerce(source: str, key: str, value, typ):
             if isinstance(value, bool):
                 raise ValueError
             return int(value)
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+        if not math.isfinite(number):   # NaN or inf ('nan' in a CSV): the host would render black
+            raise ValueError
+        return number
+    except (TypeError, ValueError, OverflowError):
         raise BatchFileError(f"{source}: '{key}' must be {'an integer' if typ is int else 'a number'}, "
                              f"got {value!r}") from None
 
