@@ -127,6 +127,11 @@ class EditAttention:
 
     def patch(self, model):
         """A clone of ``model`` with this object in every transformer's attention (input unchanged)."""
+        replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {})
+        if replaced.get("attn1") or replaced.get("attn2"):
+            log.warning("Subject Edit: the MODEL already replaces attention in %d block(s) (another node's patch); "
+                        "the edit puts its own attention there, so that patch does not apply during the edit",
+                        len(replaced.get("attn1", {})) + len(replaced.get("attn2", {})))
         m = model.clone()
         for name, number in block_names(model):
             m.set_model_attn1_replace(self.self_attention, name, number)

@@ -306,6 +306,13 @@ def edit_with_x0_model(env: Env) -> dict:
     return g
 
 
+def edit_with_sag_model(env: Env) -> dict:
+    g = edit_graph(env, extra={"sag": {"class_type": "SelfAttentionGuidance",
+                                       "inputs": {"model": ["loader", 0], "scale": 0.5, "blur_sigma": 2.0}}})
+    g["edit"]["inputs"]["model"] = ["sag", 0]
+    return g
+
+
 def edit_with_sd3_latent(env: Env) -> dict:
     g = edit_graph(env, extra={"sd3_latent": {"class_type": "EmptySD3LatentImage",
                                               "inputs": {"width": 64, "height": 64, "batch_size": 1}}})
@@ -792,6 +799,9 @@ CASES = [
     Case("edit-sd3-latent", "SubjectEditInvert", edit_with_sd3_latent, "failed",
          ("Subject Edit Invert needs an SD 1.x latent (4 channels", "got shape (1, 16, 8, 8)",
           "encode the photo with the BLIP-Diffusion VAE")),
+    Case("edit-model-with-attention-patch", "SubjectEdit", edit_with_sag_model, "ok",
+         log=("Subject Edit: the MODEL already replaces attention in 1 block(s)", "that patch does not apply"),
+         check=check_edit),
     Case("edit-cross-replace-nan", "SubjectEdit", lambda e: edit_graph(e, edit={"cross_replace": float("nan")}),
          "failed", ("cross_replace must be a finite number, got nan",), nan=True),
     Case("edit-two-photos", "SubjectEditInvert", edit_with_two_photos, "failed",
