@@ -34,7 +34,7 @@ class BlipControlNetLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name) -> io.NodeOutput:
-        folder = os.path.join(paths.resolve_model_folder(model_name), "controlnet")
+        folder = os.path.join(paths.resolve_model_folder(model_name, having="controlnet"), "controlnet")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"BLIP-Diffusion model folder '{model_name}' has no controlnet/ subfolder: choose "
                                     "a folder that ships the ControlNet (the released 'blipdiffusion-controlnet')")

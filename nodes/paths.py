@@ -54,9 +54,9 @@ def list_model_folders(also: Callable[[str], bool] | None = None, having: str | 
     return sorted(found)
 
 
-def resolve_model_folder(name: str, also: Callable[[str], bool] | None = None) -> str:
-    """Absolute path of a listed folder (``also``: as for list_model_folders); refuses absolute names
-    and names that climb out."""
+def resolve_model_folder(name: str, also: Callable[[str], bool] | None = None, having: str | None = None) -> str:
+    """Absolute path of a listed folder (``also``: as for list_model_folders; ``having``: what the node
+    lists, for the message when the name is not there); refuses absolute names and names that climb out."""
     rel = os.path.normpath(name or "")
     if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
         raise ValueError(f"model folder name {name!r} must be relative to models/{BLIP_FOLDER}/")
@@ -64,7 +64,7 @@ def resolve_model_folder(name: str, also: Callable[[str], bool] | None = None) -
         full = os.path.join(base, rel)  # symlinked model folders are welcome: no realpath check
         if os.path.isfile(os.path.join(full, "model_index.json")) or (also is not None and rel != "." and also(full)):
             return full
-    there = list_model_folders(also)
+    there = list_model_folders(also, having)
     raise FileNotFoundError(
         f"BLIP-Diffusion model folder '{name}' not found under {folder_paths.get_folder_paths(BLIP_FOLDER)}; "
         + (f"the folders there are {', '.join(repr(f) for f in there)}: choose one in the node's list, or "

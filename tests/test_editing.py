@@ -74,14 +74,12 @@ def test_word_positions_see_words_through_spacing_case_punctuation_and_hashes():
     ("sitting on the owner\u2019s lap", "lap"), ("in the \u8349 grass", "grass"), ("a \u72ac on grass", "\u72ac"),
     ("on a caf\u00e9 terrace", "terrace"), ("near the fa\u00e7ade, on gr\u00fcn grass.", "grass"),
     ("\u043d\u0430 \u0442\u0440\u0430\u0432\u0435 near a tree", "tree"), ("on the stra\u00dfe", "stra\u00dfe")])
-def test_word_positions_hold_where_clip_spells_a_character_with_several_tokens(prompt, word):
+def test_word_positions_hold_where_clip_spells_a_character_with_several_tokens(prompt, word, test_model_dir):
     # The real CLIP tokenizer (the generated model ships the released one's files). What is selected
     # must decode to the word itself: an independent check of the positions.
     from transformers import CLIPTokenizer
 
-    from paths import model_dir
-
-    hf = CLIPTokenizer.from_pretrained(str(model_dir() / "tokenizer"))
+    hf = CLIPTokenizer.from_pretrained(str(test_model_dir / "tokenizer"))
     ids = lambda text: hf(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     src, _ = editing.edit_texts("dog", "dog", prompt)
     src_ids = ids(src)

@@ -40,6 +40,8 @@ def test_the_controlnet_loader_lists_only_folders_with_a_controlnet(host_paths):
     released(models / "blip_diffusion" / "blipdiffusion-controlnet", "qformer", "unet", "controlnet")
     assert paths.list_model_folders() == ["blipdiffusion", "blipdiffusion-controlnet"]
     assert paths.list_model_folders(having="controlnet") == ["blipdiffusion-controlnet"]
+    with pytest.raises(FileNotFoundError, match=r"the folders there are 'blipdiffusion-controlnet': choose"):
+        paths.resolve_model_folder("controlnet", having="controlnet")   # what its node lists, no more
 
 
 def test_a_name_not_there_is_answered_with_the_folders_that_are(host_paths):
