@@ -71,26 +71,12 @@ def load_finetune(path: str) -> tuple[dict[str, torch.Tensor], Subject, str, dic
     if mode not in FINETUNE_MODES:
         raise FinetuneFileError(f"{base}: unknown fine-tune mode {mode!r}")
     embedding = tensors.pop(SUBJECT_KEY).to(torch.float32)
-    subject_meta, meta = (_json_object(metadata.get(key), base, key) for key in ("subject_meta", "meta"))
-    category = metadata.get("category", "")
-    if not category.strip():
-        raise FinetuneFileError(f"{base} names no category (its 'category' metadata is missing or empty)")
-    if embedding.ndim != 3 or embedding.shape[0] != 1 or 0 in embedding.shape:
-        raise FinetuneFileError(f"{base}: its subject has shape {tuple(embedding.shape)}, not (1, tokens, width)")
+    meta = subject_io.metadata_object(metadata, "meta", base, FinetuneFileError)
     bad = sorted(k for k in tensors if not k.startswith("diffusion_model."))
     if bad:
         raise FinetuneFileError(f"{base}: unexpected tensors {bad[:3]} (UNet keys start with 'diffusion_model.')")
     broken = [k for k, v in [(SUBJECT_KEY, embedding), *tensors.items()] if not torch.isfinite(v).all()]
     if broken:
         raise FinetuneFileError(f"{base} holds NaN or infinite values ({', '.join(broken[:3])})")
-    return tensors, Subject(embedding, category, subject_meta), mode, meta
-
-
-def _json_object(text: str | None, base: str, key: str) -> dict:
-    try:
-        value = json.loads(text or "{}")
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise FinetuneFileError(f"{base}: its metadata is damaged (the '{key}' entry is not a JSON object)")
-    return value
+    subject = subject_io.stored_subject(embedding, metadata, "subject_meta", base, FinetuneFileError)
+    return tensors, subject, mode, meta

@@ -74,18 +74,29 @@ def load_subject(path: str) -> Subject:
     if metadata[FORMAT_KEY] != FORMAT_VERSION:
         raise ValueError(f"{os.path.basename(path)} has subject format {metadata[FORMAT_KEY]}, this pack reads "
                          f"{FORMAT_VERSION}")
-    name = os.path.basename(path)
+    return stored_subject(embedding, metadata, "meta", os.path.basename(path))
+
+
+def metadata_object(metadata: dict, key: str, name: str, error=ValueError) -> dict:
+    """A JSON-object entry of a file's metadata ({} when absent), or ``error`` naming the damage."""
     try:
-        meta = json.loads(metadata.get("meta") or "{}")
+        value = json.loads(metadata.get(key) or "{}")
     except ValueError:
-        meta = None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{name}: its metadata is damaged (the 'meta' entry is not a JSON object)")
+        value = None
+    if not isinstance(value, dict):
+        raise error(f"{name}: its metadata is damaged (the '{key}' entry is not a JSON object)")
+    return value
+
+
+def stored_subject(embedding: torch.Tensor, metadata: dict, meta_key: str, name: str, error=ValueError) -> Subject:
+    """The subject a file stores (subject files and fine-tune files alike): its embedding, its 'category'
+    and its JSON ``meta_key`` entry, refused by name when damaged."""
+    meta = metadata_object(metadata, meta_key, name, error)
     category = metadata.get("category", "")
     if not category.strip():
-        raise ValueError(f"{name} names no category (its 'category' metadata is missing or empty)")
+        raise error(f"{name} names no category (its 'category' metadata is missing or empty)")
     if embedding.ndim != 3 or embedding.shape[0] != 1 or 0 in embedding.shape:
-        raise ValueError(f"{name}: its embedding has shape {tuple(embedding.shape)}, not (1, tokens, width)")
+        raise error(f"{name}: its embedding has shape {tuple(embedding.shape)}, not (1, tokens, width)")
     if not torch.isfinite(embedding).all():
-        raise ValueError(f"{name}: its embedding holds NaN or infinite values")
+        raise error(f"{name}: its embedding holds NaN or infinite values")
     return Subject(embedding.to(torch.float32), category, meta)
