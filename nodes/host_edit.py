@@ -18,6 +18,7 @@ import comfy.ldm.modules.attention as host_attention
 
 from ..blip_core import editing, regions
 from ..blip_core.schedule import alphas_cumprod, leading_timesteps, steps_problem
+from . import host_models
 
 log = logging.getLogger("blip_diffusion")
 
@@ -39,7 +40,7 @@ def check_model(model) -> None:
             f"schedule); the connected model samples as {type(sampling).__name__}: connect the MODEL from Load "
             "BLIP-Diffusion, without sampling patches (ModelSamplingDiscrete other than eps, ModelSamplingSD3, "
             "ModelSamplingFlux)")
-    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    unet_config = host_models.unet_config(model)
     if unet_config.get("context_dim", 768) != 768 or unet_config.get("adm_in_channels") is not None:
         raise editing.EditError(
             f"subject editing needs the BLIP-Diffusion UNet (SD 1.5: 768-wide text, no extra conditioning); the "

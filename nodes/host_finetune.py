@@ -41,7 +41,7 @@ from ..blip_core import finetune as ft
 from ..blip_core import prompting, schedule
 from ..blip_core.finetune_plot import loss_plot
 from ..blip_core.subject import Subject
-from . import host_clip
+from . import host_clip, host_models
 from .host_finetune_modes import check_mode, finetune_mode, wrappable_modules
 
 log = logging.getLogger("blip_diffusion")
@@ -307,7 +307,7 @@ def check_schedule(model) -> float:
 
 def check_parts_fit(model, text_width: int, vae) -> None:
     """The UNet reads the CLIP's width and the VAE's latent channels, checked before any work is done."""
-    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    config = host_models.unet_config(model)
     context, channels = config.get("context_dim"), config.get("in_channels")
     if context is not None and context != text_width:
         raise ft.FinetuneError(f"this MODEL's UNet reads {context}-wide text but the CLIP is {text_width} wide: "

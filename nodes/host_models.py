@@ -74,6 +74,11 @@ def read_state_dict(path: str, what: str = "model") -> dict:
                          "corrupt or not a plain tensor checkpoint. Download or copy the file again.") from e
 
 
+def unet_config(model) -> dict:
+    """The host's UNet config of a MODEL ({} for a model that carries none)."""
+    return getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+
+
 def host_unet_config(diffusers_config: dict) -> dict:
     """The host's description of a diffusers UNet2DConditionModel config (for its key map)."""
     widths = diffusers_config["block_out_channels"]

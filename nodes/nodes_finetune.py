@@ -199,7 +199,7 @@ class LoadBlipFinetune(io.ComfyNode):
         if misfits:
             problems.append(f"{len(misfits)} of its tensors have no place of their shape in it "
                             f"({'; '.join(misfits[:3])})")
-        config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+        config = host_models.unet_config(model)
         width = config.get("context_dim")
         if width is not None and subject.width != width:
             problems.append(f"its subject is {subject.width} wide and this MODEL's UNet reads {width}-wide text")
